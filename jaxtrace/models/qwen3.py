@@ -1,0 +1,220 @@
+"""Qwen3 dense decoder in Flax NNX, numerically equal to Hugging Face `Qwen3ForCausalLM`.
+
+Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `norm`, `expert`); `jaxtrace.sharding` maps them to mesh axes.
+
+Attention takes an explicit boolean mask [B, T, S] (True = may attend) and, when decoding, a
+per-layer KV cache {"k", "v": [B, S, Hkv, Dh]} written at `cache_index`. The model returns final
+hidden states; `lm_head_weight()` gives the [D, V] head so that losses can work from hidden
+states without materialising logits (`pallas_kernels.span_kl`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrace.models.config import ModelConfig
+
+Cache = dict[str, jax.Array]
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
+    init = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+    return nnx.Param(init.astype(dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axes=("norm",)):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=axes)
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32 and cast back before the scale, as transformers does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x_BxTxHxD, positions_BxT, theta: float):
+    """Rotary embedding, half-split layout (`rotate_half`), as Hugging Face applies it."""
+    d = x_BxTxHxD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # B, T, D/2
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxD.dtype)
+
+
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+    """Grouped-query softmax attention in float32; masked rows attend uniformly (no NaN)."""
+    b, t, h, d = q_BxTxHxD.shape
+    kv = k_BxSxKxD.shape[2]
+    q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD,
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, dh, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.weight_dtype)
+        self.q_proj = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), pd)
+        self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, pd, axes=("head_dim",))
+        self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, pd, axes=("head_dim",))
+        self.rope_theta = cfg.rope_theta
+        self.dtype = cfg.compute_dtype
+
+    def project_qkv(self, x_BxTxD, positions_BxT):
+        dt = self.dtype
+        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_proj[...].astype(dt))
+        q = rope(self.q_norm(q), positions_BxT, self.rope_theta)
+        k = rope(self.k_norm(k), positions_BxT, self.rope_theta)
+        return q, k, v
+
+    def output(self, o_BxTxHxD):
+        return jnp.einsum("bthk,hkd->btd", o_BxTxHxD, self.o_proj[...].astype(self.dtype))
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: Cache | None = None,
+                 cache_index=None):
+        q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+        o = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask_BxTxS)
+        return self.output(o), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, intermediate_size: int | None = None):
+        d, f, pd = cfg.hidden_size, intermediate_size or cfg.intermediate_size, cfg.weight_dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x_BxTxD):
+        dt = self.dtype
+        gate = x_BxTxD @ self.gate_proj[...].astype(dt)
+        up = x_BxTxD @ self.up_proj[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+
+
+def _make_mlp(cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    if cfg.is_moe_layer(layer):
+        from jaxtrace.models.moe import MoeMLP  # noqa: PLC0415 (only MoE configs need it)
+
+        return MoeMLP(cfg, rngs)
+    return MLP(cfg, rngs)
+
+
+def _make_attention(cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    if cfg.family == "qwen3_hybrid" and layer in cfg.hybrid_layers:
+        from jaxtrace.models.hybrid import HybridAttention  # noqa: PLC0415
+
+        return HybridAttention(cfg, rngs)
+    return Attention(cfg, rngs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        pd = cfg.weight_dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.self_attn = _make_attention(cfg, layer, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.mlp = _make_mlp(cfg, layer, rngs)
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+        x = x + h
+        y = self.mlp(self.post_attention_layernorm(x))
+        aux = None
+        if isinstance(y, tuple):  # MoE layers also return router statistics
+            y, aux = y
+        return x + y, cache, aux
+
+
+class Qwen3(nnx.Module):
+    """Decoder-only LM. `__call__` returns final-norm hidden states [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.weight_dtype
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
+                 return_aux: bool = False):
+        x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+        new_cache, aux = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            if self.cfg.remat and cache is None:
+                x, c, a = nnx.remat(lambda lyr, *args: lyr(*args))(
+                    layer, x, positions_BxT, mask_BxTxS)
+            else:
+                x, c, a = layer(x, positions_BxT, mask_BxTxS, layer_cache, cache_index)
+            new_cache.append(c)
+            aux.append(a)
+        hidden = self.norm(x)
+        out_cache = None if cache is None else new_cache
+        if return_aux:
+            return hidden, out_cache, aux
+        return hidden, out_cache
+
+    def lm_head_weight(self):
+        """The [D, V] output projection (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden_BxTxD):
+        w = self.lm_head_weight().astype(hidden_BxTxD.dtype)
+        return jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------- masks and caches
+def causal_mask(valid_BxT):
+    """[B, T, T] mask: query i sees key j <= i where key j is a real (non-pad) token."""
+    t = valid_BxT.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & valid_BxT[:, None, :]
+
+
+def positions_from_valid(valid_BxT):
+    """Position ids that count only real tokens (left padding gets position 0)."""
+    return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[Cache]:
+    """An empty KV cache: per layer {"k", "v": [B, S, Hkv, Dh]} (hybrid layers: their own state)."""
+    dtype = dtype or cfg.compute_dtype
+    caches = []
+    for i in range(cfg.num_layers):
+        if cfg.family == "qwen3_hybrid" and i in cfg.hybrid_layers:
+            from jaxtrace.models.hybrid import init_hybrid_cache  # noqa: PLC0415
+
+            caches.append(init_hybrid_cache(cfg, batch, dtype))
+        else:
+            shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+            caches.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+    return caches
