@@ -1,0 +1,161 @@
+"""Batched sampler: one prefill over left-padded prompts, then KV-cached decode steps.
+
+Shapes are fixed by (batch, max_prompt_len, max_new_tokens), so `generate` compiles once per
+config. Rows stop independently at their stop tokens or their own length budget; the loop exits
+early when every row is done.
+
+Slot layout of the cache: slots [0, P) hold the left-padded prompt, slot P + t holds the t-th
+generated token. RoPE positions count only real tokens, so padding never shifts a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrace.models import init_cache, positions_from_valid
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_prompt_len: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    num_samples: int = 1  # responses per prompt (the GRPO group size)
+    stop_tokens: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_prompt_len < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig: max_prompt_len={self.max_prompt_len} and "
+                             f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be > 0 "
+                             "(use greedy=True for argmax decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
+        if self.num_samples < 1:
+            raise ValueError(f"SamplingConfig.num_samples={self.num_samples} must be >= 1")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], max_len: int, pad_id: int = 0):
+    """Host-side: token lists -> (tokens [B, max_len] int32, valid [B, max_len] bool)."""
+    tokens = np.full((len(prompts), max_len), pad_id, np.int32)
+    valid = np.zeros((len(prompts), max_len), bool)
+    for i, p in enumerate(prompts):
+        if len(p) > max_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_len}")
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        tokens[i, max_len - len(p):] = p
+        valid[i, max_len - len(p):] = True
+    return tokens, valid
+
+
+def _top_p_filter(logits_BxV, top_p: float):
+    """Masks the tail of the distribution outside the smallest set with mass >= top_p."""
+    sorted_logits = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p  # always keeps the top token
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BxV >= threshold, logits_BxV, -jnp.inf)
+
+
+def _choose(logits_BxV, rng, cfg: SamplingConfig):
+    """(token [B], log-prob of it under the model's own distribution [B])."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if cfg.greedy:
+        token = jnp.argmax(logits_BxV, axis=-1)
+    else:
+        scaled = logits_BxV / cfg.temperature
+        if cfg.top_p < 1.0:
+            scaled = _top_p_filter(scaled, cfg.top_p)
+        token = jax.random.categorical(rng, scaled, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, -1), token[:, None], -1)[:, 0]
+    return token.astype(jnp.int32), logp
+
+
+def generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingConfig,
+             max_new_B=None):
+    """Samples `cfg.num_samples` responses per prompt (rows repeat prompt-major: row i * n + j is
+    sample j of prompt i). Jit with `graphdef` and `cfg` static.
+
+    Returns a dict of arrays with R = B * num_samples rows and N = max_new_tokens:
+      prompt [R, P], prompt_valid [R, P], response [R, N] (pad after the end),
+      response_mask [R, N] (generated tokens, the stop token included), logprobs [R, N]
+      (log p of each sampled token under temperature-1 logits; 0 where masked),
+      length [R], stopped [R] (ended on a stop token rather than the budget).
+    """
+    n, p, new = cfg.num_samples, prompt_BxP.shape[1], cfg.max_new_tokens
+    if prompt_BxP.shape[1] != cfg.max_prompt_len:
+        raise ValueError(f"prompt width {prompt_BxP.shape[1]} != max_prompt_len "
+                         f"{cfg.max_prompt_len}")
+    prompt = jnp.repeat(prompt_BxP, n, axis=0)
+    valid = jnp.repeat(prompt_valid_BxP, n, axis=0)
+    r, s = prompt.shape[0], p + new
+    budget = jnp.full((r,), new, jnp.int32) if max_new_B is None else jnp.repeat(
+        jnp.minimum(max_new_B, new).astype(jnp.int32), n)
+    model = nnx.merge(graphdef, params)
+    stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+
+    kv_valid = jnp.concatenate([valid, jnp.ones((r, new), bool)], axis=1)  # [R, S]
+    slots = jnp.arange(s)
+    prefill_mask = kv_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
+    cache = init_cache(model.cfg, r, s)
+    hidden, cache = model(prompt, positions_from_valid(valid), prefill_mask, cache, 0)
+    rng, step_rng = jax.random.split(rng)
+    token, logp = _choose(model.logits(hidden[:, -1:])[:, 0], step_rng, cfg)
+    num_prompt = valid.sum(axis=1).astype(jnp.int32)
+
+    response = jnp.full((r, new), cfg.pad_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((r, new), jnp.float32).at[:, 0].set(logp)
+    mask = jnp.zeros((r, new), bool).at[:, 0].set(budget > 0)
+    done = jnp.isin(token, stop) | (budget <= 1)
+
+    def cond(carry):
+        t, _, _, _, _, done, _, _ = carry
+        return (t < new) & ~jnp.all(done)
+
+    def body(carry):
+        t, token, cache, response, logprobs, done, mask, rng = carry
+        slot = p + t - 1  # the slot of the last sampled token, fed back in
+        step_mask = kv_valid[:, None, :] & (slots[None, None, :] <= slot)
+        hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], step_mask, cache,
+                              slot)
+        rng, step_rng = jax.random.split(rng)
+        nxt, lp = _choose(model.logits(hidden)[:, 0], step_rng, cfg)
+        live = ~done
+        nxt = jnp.where(live, nxt, cfg.pad_id)
+        response = response.at[:, t].set(nxt)
+        logprobs = logprobs.at[:, t].set(jnp.where(live, lp, 0.0))
+        mask = mask.at[:, t].set(live)
+        done = done | jnp.isin(nxt, stop) | (t + 1 >= budget)
+        return t + 1, nxt, cache, response, logprobs, done, mask, rng
+
+    carry = (jnp.int32(1), token, cache, response, logprobs, done, mask, rng)
+    _, _, _, response, logprobs, _, mask, _ = jax.lax.while_loop(cond, body, carry)
+    response = jnp.where(mask, response, cfg.pad_id)
+    logprobs = jnp.where(mask, logprobs, 0.0)
+    length = mask.sum(axis=1).astype(jnp.int32)
+    last = jnp.take_along_axis(response, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
+    stopped = (length > 0) & jnp.isin(last, stop)
+    return {"prompt": prompt, "prompt_valid": valid, "response": response,
+            "response_mask": mask, "logprobs": logprobs, "length": length, "stopped": stopped}
+
+
+def make_generate(graphdef, cfg: SamplingConfig):
+    """A jitted `(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`."""
+
+    @jax.jit
+    def run(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
+        return generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg, max_new_B)
+
+    return run

@@ -1,0 +1,139 @@
+"""Device mesh, logical-axis rules and NamedShardings for params and batches.
+
+Params carry logical axis names (see `jaxtrace.models.logical_axes`); one rules table maps each
+name to a mesh axis (or None = replicated). A dimension that a mesh axis does not divide is
+replicated rather than failing, so one rules table serves every model size.
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    graphdef, params = init_sharded(model_cfg, mesh, seed=0)   # abstract init, then sharded init
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical name -> mesh axis (a tuple shards over several). Order matters only for readability.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("norm", None),
+)
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with the named axes; one size may be -1 (fill with the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(axes)
+    unknown = [n for n in names if n not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"unknown mesh axis {unknown[0]!r}; mesh axes are {MESH_AXES}")
+    sizes = [int(axes[n]) for n in names]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(axes)}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {dict(axes)}: sizes must be positive or -1")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if len(devices) % fixed:
+        raise ValueError(f"mesh {dict(axes)} needs a multiple of {fixed} devices, "
+                         f"but there are {len(devices)}")
+    sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} has {math.prod(sizes)} slots for "
+                         f"{len(devices)} devices; the axis sizes must multiply to the device "
+                         "count (use -1 on one axis to fill)")
+    try:
+        from jax.experimental import mesh_utils  # noqa: PLC0415
+
+        grid = mesh_utils.create_device_mesh(sizes, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, names)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> PartitionSpec:
+    """The PartitionSpec of one array: each logical name through the rules, replicated where the
+    mesh axis is absent, of size 1, already used, or does not divide the dimension."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1
+                        and t not in used)
+        size = math.prod(mesh.shape[t] for t in targets)
+        if not targets or dim % size:
+            spec.append(None)
+            continue
+        used.update(targets)
+        spec.append(targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES):
+    """A params-shaped tree of NamedSharding for `model_cfg`."""
+    from jaxtrace.models import abstract_model, logical_axes  # noqa: PLC0415
+
+    _, abstract = abstract_model(model_cfg)
+    return jax.tree.map(
+        lambda axes, leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)),
+        logical_axes(model_cfg), abstract, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+    """Shards the leading (batch) dimension over the data-parallel axes."""
+    target = dict(rules)["batch"]
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else target)
+                 if a in mesh.shape and mesh.shape[a] > 1)
+    lead = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    target = dict(rules)["batch"]
+    axes = (target,) if isinstance(target, str) else target
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Places a host batch (a pytree of arrays with a common leading dim) on the mesh."""
+    dp = data_parallel_size(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim and x.shape[0] % dp:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the "
+                             f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
+        return jax.device_put(x, batch_sharding(mesh, max(x.ndim, 1)) if x.ndim
+                              else NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(put, batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def init_sharded(model_cfg, mesh: Mesh, seed: int = 0, rules=DEFAULT_RULES):
+    """Abstract init (`jax.eval_shape`), then a jitted init that writes each param straight into
+    its shard: no host ever holds the full model. Returns (graphdef, params)."""
+    from jaxtrace.models import abstract_model, create  # noqa: PLC0415
+
+    shardings = param_shardings(model_cfg, mesh, rules)
+    params = jax.jit(lambda: create(model_cfg, seed)[1], out_shardings=shardings)()
+    graphdef, _ = abstract_model(model_cfg)
+    return graphdef, params
