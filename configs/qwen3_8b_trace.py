@@ -1,0 +1,22 @@
+"""TRACE on Qwen3-8B, forward KL on key spans (the paper's best routed action for 8B).
+TPU v5p-64 / v6e-64 and up; FSDP over all chips with 4-way tensor parallelism.
+
+    python -m jaxtrace.train --config=configs/qwen3_8b_trace.py \
+        --config.init_from=hf:gs://BUCKET/Qwen3-8B --config.data.tokenizer=/path/to/Qwen3-8B \
+        --config.data.train_path=gs://BUCKET/gsm8k/train.jsonl --config.workdir=gs://BUCKET/runs/q8
+
+Variants after ':': trace (default), trace_rkl, grpo, dapo, drgrpo, opsd, trace_online.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from qwen3_1p7b_trace import qwen3_config  # noqa: E402
+
+
+def get_config(arg=None):
+    c = qwen3_config("qwen3_8b", arg, fkl=True)
+    c.mesh.update(data=1, fsdp=-1, tensor=4)
+    c.rollout.prompts_per_step = 128
+    return c

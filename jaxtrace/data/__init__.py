@@ -1,0 +1,1 @@
+"""Data: tasks, prompt templates, tokenizers, and jsonl readers."""

@@ -1,0 +1,163 @@
+"""The jitted pure functions of training: `state, batch -> state, metrics`.
+
+A batch lays every sequence out as a left-padded prompt of fixed width P followed by a
+right-padded response of width N, so the response token t sits at P + t for the student and at
+Q + t for the teacher (privileged prompt of width Q): alignment is a static slice.
+
+Batch keys (R rows): prompt [R, P], prompt_valid [R, P], response [R, N], response_mask [R, N];
+for RL also advantages [R], route [R, N] (jaxtrace.losses.trace routes), and, when the teacher is
+used, privileged [R, Q], privileged_valid [R, Q]. For SFT, prompt/response are the supervised
+pair and the loss is cross-entropy on the response tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxtrace.losses import trace as trace_lib
+from jaxtrace.models import causal_mask, positions_from_valid
+from pallas_kernels import span_kl as span_kl_op
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static (hashable) loss settings, from `config.algo`."""
+
+    mode: str = "trace"  # trace | grpo | opsd | opsd+grpo  (dapo / drgrpo are grpo presets)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    norm: str = "token"
+    max_len: int | None = None
+    ref_kl_coef: float = 0.0
+    opsd_route: int = trace_lib.ROUTE_FKL
+    kl_implementation: str | None = None
+
+
+def make_optimizer(lr, warmup_steps: int, grad_clip: float, weight_decay: float, b1: float,
+                   b2: float):
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+        [max(warmup_steps, 1)])
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def response_hidden(model, prompt, prompt_valid, response, response_mask):
+    """Hidden states [R, N, D] at the positions that predict each response token."""
+    p, n = prompt.shape[1], response.shape[1]
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    valid = jnp.concatenate([prompt_valid, response_mask], axis=1)
+    hidden, _ = model(tokens, positions_from_valid(valid), causal_mask(valid))
+    return hidden[:, p - 1:p - 1 + n]
+
+
+def _token_logprobs(model, h_RxNxD, response, impl):
+    r, n, d = h_RxNxD.shape
+    logp, entropy = span_kl_op.token_logprobs(
+        h_RxNxD.reshape(r * n, d), model.lm_head_weight().astype(h_RxNxD.dtype),
+        response.reshape(r * n), implementation=impl)
+    return logp.reshape(r, n), jax.lax.stop_gradient(entropy).reshape(r, n)
+
+
+def _masked_mean(x, mask):
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _apply_if_finite(optimizer, state, grads, loss):
+    """One optimizer update, or none at all when the loss or any gradient is not finite."""
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {"params": keep(new_params, state["params"]),
+                 "opt_state": keep(new_opt, state["opt_state"]),
+                 "step": state["step"] + 1}  # counts iterations, skipped ones included
+    return new_state, finite
+
+
+def sft_loss(graphdef, params, batch):
+    model = nnx.merge(graphdef, params)
+    h = response_hidden(model, batch["prompt"], batch["prompt_valid"], batch["response"],
+                        batch["response_mask"])
+    logp, _ = _token_logprobs(model, h, batch["response"], None)
+    return -_masked_mean(logp, batch["response_mask"])
+
+
+def make_sft_step(graphdef, optimizer):
+    @jax.jit
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(lambda p: sft_loss(graphdef, p, batch))(state["params"])
+        state, finite = _apply_if_finite(optimizer, state, grads, loss)
+        return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
+
+    return step
+
+
+def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
+    """Routed KL [R, N] between the student and the privileged teacher (same weights,
+    stop-gradient) on the student's own response tokens."""
+    teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+    h_t = jax.lax.stop_gradient(response_hidden(
+        teacher, batch["privileged"], batch["privileged_valid"], batch["response"],
+        batch["response_mask"]))
+    r, n, d = h_student.shape
+    kl = span_kl_op.span_kl(
+        h_student.reshape(r * n, d), model.lm_head_weight().astype(h_student.dtype),
+        route_kl.reshape(r * n), h_teacher_TxD=h_t.reshape(r * n, d).astype(h_student.dtype),
+        implementation=impl)
+    return kl.reshape(r, n)
+
+
+def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
+    model = nnx.merge(graphdef, params)
+    h = response_hidden(model, batch["prompt"], batch["prompt_valid"], batch["response"],
+                        batch["response_mask"])
+    logp, entropy = _token_logprobs(model, h, batch["response"], cfg.kl_implementation)
+    route = trace_lib.routes_for_mode(batch["route"], cfg.mode, opsd_route=cfg.opsd_route)
+    if use_teacher:
+        route_kl = jnp.where(route > 0, route, 0)  # the op's 0 / FKL / RKL codes
+        kl = teacher_kl(graphdef, model, params, batch, h, route_kl, cfg.kl_implementation)
+    else:
+        kl = jnp.zeros_like(logp)
+    loss, metrics = trace_lib.trace_loss(
+        logp, jax.lax.stop_gradient(logp), batch["advantages"], batch["route"], kl, lam,
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_kl_coef=cfg.ref_kl_coef, norm=cfg.norm,
+        max_len=cfg.max_len, mode=cfg.mode, opsd_route=cfg.opsd_route)
+    metrics["entropy"] = _masked_mean(entropy, batch["response_mask"])
+    return loss, metrics
+
+
+def make_rl_step(graphdef, optimizer, cfg: LossConfig):
+    """`step(state, batch, lam, use_teacher)`; compiles at most twice (with / without teacher)."""
+
+    def step(state, batch, lam, use_teacher):
+        grad_fn = jax.value_and_grad(
+            lambda p: rl_loss(graphdef, p, batch, lam, cfg, use_teacher), has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"])
+        state, finite = _apply_if_finite(optimizer, state, grads, loss)
+        metrics.update(grad_norm=optax.global_norm(grads), finite=finite)
+        return state, metrics
+
+    return jax.jit(step, static_argnums=3, donate_argnums=0)
+
+
+def make_divergence_fn(graphdef, impl=None):
+    """`fn(params, batch) -> kl [R, N]`: forward KL(teacher || student) on every response token,
+    for the automatic (divergence) annotator."""
+
+    @jax.jit
+    def fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        h = response_hidden(model, batch["prompt"], batch["prompt_valid"], batch["response"],
+                            batch["response_mask"])
+        route = batch["response_mask"].astype(jnp.int32)  # 1 = FKL on every response token
+        return teacher_kl(graphdef, model, params, batch, h, route, impl)
+
+    return fn
