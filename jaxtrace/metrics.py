@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
+
+from jaxtrace import paths
 
 
 class MetricWriter:
@@ -17,11 +18,12 @@ class MetricWriter:
         self.tb = None
         self.history = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            paths.makedirs(workdir)
             from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self.history = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            # tensorboardX writes gs:// itself (google-cloud-storage, in the [tpu] extra).
+            self.tb = SummaryWriter(paths.join(workdir, "tb"))
+            self.history = paths.open_path(paths.join(workdir, "metrics.jsonl"), "a")
 
     def write(self, step: int, scalars: dict, prefix: str = ""):
         if not self.enabled:

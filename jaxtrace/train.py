@@ -71,5 +71,18 @@ def main(argv):
         print(json.dumps({k: v for k, v in results.items() if k not in ("before", "after")}))
 
 
+def parse_flags(argv):
+    """absl flag parsing, but a bad flag or config override is one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 (flags and config_flags raise many types)
+        msg = str(e).strip().strip('"').strip("'") or type(e).__name__
+        if isinstance(e, AttributeError | KeyError):
+            bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and msg in a]
+            msg = f"unknown config key {bad[0][len('--config.'):]!r}" if bad else msg
+        print(f"error: bad flag or config override: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

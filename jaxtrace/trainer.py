@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrace import checkpoint, evaluation, metrics, rl, sharding, steps
+from jaxtrace import checkpoint, evaluation, metrics, paths, rl, sharding, steps
 from jaxtrace.config import model_config, validate
 from jaxtrace.data import tasks
 from jaxtrace.data import tokenizer as tok_lib
@@ -35,16 +36,28 @@ class NonFiniteError(RuntimeError):
 
 # ---------------------------------------------------------------------------- set-up
 def setup_tokenizer(config, train_examples):
+    """The configured tokenizer, or a sentencepiece model trained on the task text (kept in the
+    workdir, so a resumed run reuses it; copied through a local file for remote workdirs)."""
     if config.data.tokenizer:
         return tok_lib.load(config.data.tokenizer)
-    path = os.path.join(config.workdir, "tokenizer")
-    if os.path.exists(path + ".model"):
-        return tok_lib.SentencePieceTokenizer(path + ".model")
+    remote = paths.join(config.workdir, "tokenizer.model")
+    local = remote if not paths.is_remote(remote) else os.path.join(
+        tempfile.mkdtemp(prefix="jaxtrace_tok"), "tokenizer.model")
+    if paths.exists(remote):
+        if local != remote:
+            with paths.open_path(remote, "rb") as src, open(local, "wb") as dst:
+                dst.write(src.read())
+        return tok_lib.SentencePieceTokenizer(local)
     student, privileged = rl.templates.get(config.data.template)
     texts = [f"{student(e.question)} {e.reference}" for e in train_examples]
     texts += [privileged(e.question, e.reference, True) for e in train_examples[:200]]
     texts += [privileged(e.question, e.reference, False) for e in train_examples[:200]]
-    return tok_lib.train_sentencepiece(texts, path, config.data.vocab_size, model_type="bpe")
+    tok = tok_lib.train_sentencepiece(texts, local[: -len(".model")], config.data.vocab_size,
+                                      model_type="bpe")
+    if local != remote and jax.process_index() == 0:
+        with open(local, "rb") as src, paths.open_path(remote, "wb") as dst:
+            dst.write(src.read())
+    return tok
 
 
 def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
@@ -132,7 +145,7 @@ def sft_batches(examples, encoder, batch_size, privileged_fraction, response_len
 # ---------------------------------------------------------------------------- phases
 def warm_start(config, graphdef, params, encoder, train, mesh, writer):
     """Supervised warm start; its result is checkpointed in workdir/sft and reused."""
-    ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "sft"), keep=1, async_save=False)
+    ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "sft"), keep=1, async_save=False)
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(None, {"params": params})
         ckpt.close()
@@ -192,10 +205,10 @@ class _Preemption:
 def run(config) -> dict:
     """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}."""
     validate(config)
-    os.makedirs(config.workdir, exist_ok=True)
+    paths.makedirs(config.workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        with open(os.path.join(config.workdir, "config.json"), "w") as f:
+        with paths.open_path(paths.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     model_cfg = model_config(config)
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -218,7 +231,8 @@ def run(config) -> dict:
             temperature=e.temperature, batch_size=e.batch_size, seed=config.seed,
             show_progress=config.train.progress, desc=f"eval {tag}")
 
-    ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "ckpt"), keep=config.train.keep_ckpts)
+    ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"),
+                                  keep=config.train.keep_ckpts)
     a, o = config.algo, config.optim
     optimizer = steps.make_optimizer(o.lr, o.warmup_steps, o.grad_clip, o.weight_decay, o.b1, o.b2)
     results: dict = {}
@@ -318,7 +332,7 @@ def run(config) -> dict:
     results["step_time_s"] = float(np.median(step_times[1:])) if len(step_times) > 1 else None
     results["cum_exposure"] = host["cum_exposure"]
     if is_main:
-        with open(os.path.join(config.workdir, "results.json"), "w") as f:
+        with paths.open_path(paths.join(config.workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     writer.close()
     verifier.close()

@@ -12,6 +12,7 @@ import json
 import os
 
 from jaxtrace.data import arithmetic
+from jaxtrace.paths import open_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,16 +21,6 @@ class Example:
     reference: str  # worked solution: the teacher's privileged context
     answer: str  # gold final answer for the verifier
     source: object = None  # task-specific object (e.g. arithmetic.Problem for the oracle)
-
-
-def open_path(path: str, mode: str = "r"):
-    """Opens a local path, or a gs:// (any fsspec) URL with credentials from the environment."""
-    if "://" in path:
-        import fsspec  # noqa: PLC0415
-
-        kwargs = {"token": "google_default"} if path.startswith("gs://") else {}
-        return fsspec.open(path, mode, **kwargs).open()
-    return open(path, mode)
 
 
 def read_jsonl(path: str, limit: int = 0) -> list[dict]:

@@ -44,6 +44,12 @@ class ModelConfig:
     hybrid_layers: tuple[int, ...] = ()
     hybrid_window: int = 64
     hybrid_chunk: int = 64
+    hybrid_feature_map: str = "softmax_dim"  # name in linear_attention.feature_maps
+    hybrid_gate: str = "key"  # "key": per-head decay from the key projection (Liger) | "none"
+    hybrid_gate_normalizer: float = 16.0  # log_g = logsigmoid(mean_d k_normed) / normalizer
+    hybrid_alpha: float = 1.0  # weight of the window softmax (1: dense-exact when T <= window)
+    hybrid_beta: float = 0.5  # weight of the linear attention beyond the window
+    hybrid_implementation: str = "xla"  # linear_attention.IMPLEMENTATIONS
     # Activation checkpointing of each decoder layer (saves memory in training).
     remat: bool = False
 
