@@ -19,7 +19,8 @@ def span_kl_from_logits(student_logits_TxV, teacher_logits_TxV, route_T):
     """Per-token routed KL [T] (float32) from student and teacher logits [T, V]."""
     logp_s = jax.nn.log_softmax(student_logits_TxV.astype(jnp.float32), axis=-1)
     logp_t = jax.nn.log_softmax(
-            jax.lax.stop_gradient(teacher_logits_TxV).astype(jnp.float32), axis=-1)
+        jax.lax.stop_gradient(teacher_logits_TxV).astype(jnp.float32), axis=-1
+    )
     fkl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
     rkl = jnp.sum(jnp.exp(logp_s) * (logp_s - logp_t), axis=-1)
     return jnp.where(route_T == ROUTE_FKL, fkl, jnp.where(route_T == ROUTE_RKL, rkl, 0.0))
@@ -33,3 +34,12 @@ def span_kl(h_student_TxD, w_DxV, route_T, *, h_teacher_TxD=None, teacher_logits
             raise ValueError("span_kl needs h_teacher_TxD or teacher_logits_TxV")
         teacher_logits_TxV = jnp.dot(h_teacher_TxD, w_DxV, preferred_element_type=jnp.float32)
     return span_kl_from_logits(student_logits, teacher_logits_TxV, route_T)
+
+
+def token_logprobs(h_TxD, w_DxV, targets_T):
+    """Reference (log p(target) [T], entropy [T]) in float32, materialising [T, V] logits."""
+    logits = jnp.dot(h_TxD, w_DxV, preferred_element_type=jnp.float32)
+    logp_TxV = jax.nn.log_softmax(logits, axis=-1)
+    logp_T = jnp.take_along_axis(logp_TxV, targets_T[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    entropy_T = -jnp.sum(jnp.exp(logp_TxV) * logp_TxV, axis=-1)
+    return logp_T, entropy_T
