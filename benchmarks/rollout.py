@@ -34,10 +34,16 @@ def main():
     from jaxtrace.rollout import SamplingConfig, make_generate
 
     torch.manual_seed(0)
-    hf_cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=8, num_key_value_heads=4,
-                         head_dim=args.hidden // 8, max_position_embeddings=4096)
+    hf_cfg = Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+        max_position_embeddings=4096,
+    )
     model = Qwen3ForCausalLM(hf_cfg).eval().float()
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d, safe_serialization=True)
@@ -55,9 +61,14 @@ def main():
 
     def theirs():
         with torch.no_grad():
-            return model.generate(torch.tensor(ids), max_new_tokens=args.new,
-                                  min_new_tokens=args.new, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
+            return model.generate(
+                torch.tensor(ids),
+                max_new_tokens=args.new,
+                min_new_tokens=args.new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
 
     rows = []
     for name, fn in (("jaxtrace sampler", ours), ("transformers.generate", theirs)):
@@ -70,10 +81,12 @@ def main():
         med = statistics.median(times)
         rows.append((name, med, args.batch * args.new / med))
     # Same tokens?
-    same = np.array_equal(np.asarray(ours()["response"]), theirs()[:, args.prompt:].numpy())
-    print(f"model: Qwen3 {args.layers} layers, d={args.hidden}, vocab={args.vocab}, fp32; "
-          f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens; "
-          f"backend {jax.default_backend()}, torch threads {torch.get_num_threads()}")
+    same = np.array_equal(np.asarray(ours()["response"]), theirs()[:, args.prompt :].numpy())
+    print(
+        f"model: Qwen3 {args.layers} layers, d={args.hidden}, vocab={args.vocab}, fp32; "
+        f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens; "
+        f"backend {jax.default_backend()}, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'implementation':<24}{'median s':>10}{'tokens/s':>12}{'ratio':>8}")
     for name, med, tps in rows:
         print(f"{name:<24}{med:>10.3f}{tps:>12.1f}{tps / rows[1][2]:>8.2f}")

@@ -22,10 +22,23 @@ def qwen3_config(preset: str, arg=None, *, fkl: bool = True):
     c.data.template = "qwen_chat"
     c.data.num_train = 0
     c.data.num_test = 0
-    c.rollout.update(prompts_per_step=64, group_size=8, max_prompt_len=512,
-                     max_privileged_len=1536, max_new_tokens=2048, temperature=1.0)
-    c.algo.update(name="trace", fkl_on_key_spans=fkl, rkl_on_error_spans=not fkl,
-                  kl_lambda0=1.0, kl_warmup_steps=20, kl_decay_steps=30, annotator="api")
+    c.rollout.update(
+        prompts_per_step=64,
+        group_size=8,
+        max_prompt_len=512,
+        max_privileged_len=1536,
+        max_new_tokens=2048,
+        temperature=1.0,
+    )
+    c.algo.update(
+        name="trace",
+        fkl_on_key_spans=fkl,
+        rkl_on_error_spans=not fkl,
+        kl_lambda0=1.0,
+        kl_warmup_steps=20,
+        kl_decay_steps=30,
+        annotator="api",
+    )
     c.optim.update(lr=1e-6, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)
     c.train.update(steps=300, log_every=1, eval_every=50, ckpt_every=25, keep_ckpts=3)
     c.eval.update(num_samples=4, temperature=0.6, batch_size=256)

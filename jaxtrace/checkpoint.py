@@ -15,8 +15,11 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         self.directory = directory
         self.manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -25,8 +28,13 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, host_state: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=force)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)
+            ),
+            force=force,
+        )
 
     def restore(self, step: int | None, abstract_state):
         """(state, host_state) of `step` (default: latest), placed like `abstract_state`
@@ -35,8 +43,12 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory!r}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()
+            ),
+        )
         return out["state"], out["host"]
 
     def wait(self):
@@ -53,11 +65,20 @@ def restore_params(directory: str, abstract_params, step: int | None = None):
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory!r}")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
-                dtype=x.dtype, sharding=getattr(x, "sharding", None)), {"params": abstract_params}),
-            partial_restore=True)))
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": abstract_params},
+                restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(
+                        dtype=x.dtype, sharding=getattr(x, "sharding", None)
+                    ),
+                    {"params": abstract_params},
+                ),
+                partial_restore=True,
+            )
+        ),
+    )
     mngr.close()
     return restored["state"]["params"], step

@@ -34,8 +34,9 @@ def resolve_set(name: str, data_dir: str, run_config, seed: int):
     from jaxtrace.data import tasks  # noqa: PLC0415
 
     if name == "arithmetic":
-        return tasks.arithmetic_examples(run_config["data"]["num_train"],
-                                         run_config["data"]["num_test"], seed)[1]
+        return tasks.arithmetic_examples(
+            run_config["data"]["num_train"], run_config["data"]["num_test"], seed
+        )[1]
     if name.startswith("gsm8k:"):
         return tasks.gsm8k_examples(name[6:], _LIMIT.value)
     path = name if name.endswith(".jsonl") else os.path.join(data_dir, f"{name}.jsonl")
@@ -60,25 +61,39 @@ def main(argv):
             run_config = json.load(f)
         cfg = model_config_of_run(_CKPT.value, None)
         graphdef, abstract = abstract_model(cfg)
-        params, step = checkpoint.restore_params(os.path.abspath(_CKPT.value), abstract,
-                                                 _STEP.value)
-        tok_path = _TOKENIZER.value or run_config["data"]["tokenizer"] or os.path.join(
-            run_dir, "tokenizer.model")
+        params, step = checkpoint.restore_params(
+            os.path.abspath(_CKPT.value), abstract, _STEP.value
+        )
+        tok_path = (
+            _TOKENIZER.value
+            or run_config["data"]["tokenizer"]
+            or os.path.join(run_dir, "tokenizer.model")
+        )
         tokenizer = tok_lib.load(tok_path)
         r = run_config["rollout"]
-        encoder = rl.PromptEncoder(tokenizer, run_config["data"]["template"],
-                                   r["max_prompt_len"], r["max_privileged_len"])
+        encoder = rl.PromptEncoder(
+            tokenizer, run_config["data"]["template"], r["max_prompt_len"], r["max_privileged_len"]
+        )
         rows = []
         with MathVerifier() as verifier:
             for name in _SETS.value:
                 examples = resolve_set(name, _DATA_DIR.value, run_config, run_config["seed"])
                 if _LIMIT.value:
-                    examples = examples[:_LIMIT.value]
+                    examples = examples[: _LIMIT.value]
                 res = evaluation.evaluate(
-                    graphdef, params, examples, tokenizer=tokenizer, encoder=encoder,
-                    verifier=verifier, max_new_tokens=_MAX_NEW.value or r["max_new_tokens"],
-                    num_samples=_K.value, temperature=_TEMPERATURE.value,
-                    batch_size=_BATCH.value, show_progress=True, desc=name)
+                    graphdef,
+                    params,
+                    examples,
+                    tokenizer=tokenizer,
+                    encoder=encoder,
+                    verifier=verifier,
+                    max_new_tokens=_MAX_NEW.value or r["max_new_tokens"],
+                    num_samples=_K.value,
+                    temperature=_TEMPERATURE.value,
+                    batch_size=_BATCH.value,
+                    show_progress=True,
+                    desc=name,
+                )
                 rows.append({"set": name, **res})
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,9 +8,22 @@ import numpy as np
 from jaxtrace.rollout import SamplingConfig, make_generate
 
 
-def evaluate(graphdef, params, examples, *, tokenizer, encoder, verifier, max_new_tokens: int,
-             num_samples: int = 1, temperature: float = 0.0, batch_size: int = 64, seed: int = 0,
-             show_progress: bool = False, desc: str = "eval"):
+def evaluate(
+    graphdef,
+    params,
+    examples,
+    *,
+    tokenizer,
+    encoder,
+    verifier,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    show_progress: bool = False,
+    desc: str = "eval",
+):
     """Returns {"pass@1" or "avg@k", "pass@k", "n", "response_length"} over `examples`.
 
     With temperature 0 decoding is greedy and `num_samples` is forced to 1. The batch has a
@@ -22,16 +35,22 @@ def evaluate(graphdef, params, examples, *, tokenizer, encoder, verifier, max_ne
         return {"n": 0}
     greedy = temperature <= 0
     k = 1 if greedy else num_samples
-    cfg = SamplingConfig(max_prompt_len=encoder.p, max_new_tokens=max_new_tokens,
-                         temperature=1.0 if greedy else temperature, greedy=greedy,
-                         num_samples=k, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    cfg = SamplingConfig(
+        max_prompt_len=encoder.p,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if greedy else temperature,
+        greedy=greedy,
+        num_samples=k,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id,
+    )
     generate = make_generate(graphdef, cfg)
     batch_size = max(1, min(batch_size, len(examples)))
     correct = np.zeros((len(examples), k), np.float32)
     lengths = []
     bar = progress(len(examples), desc, enabled=show_progress)
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = examples[start : start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         prompt, valid = encoder.student(padded)
         out = generate(params, prompt, valid, jax.random.key(seed + start), None)
@@ -39,11 +58,15 @@ def evaluate(graphdef, params, examples, *, tokenizer, encoder, verifier, max_ne
         texts = [tokenizer.decode(r[m]) for r, m in zip(out["response"], out["response_mask"])]
         golds = [e.answer for e in padded for _ in range(k)]
         rewards, _ = verifier.score(texts, golds)
-        rewards = rewards.reshape(batch_size, k)[:len(chunk)]
-        correct[start:start + len(chunk)] = rewards
-        lengths.append(out["length"].reshape(batch_size, k)[:len(chunk)].mean())
+        rewards = rewards.reshape(batch_size, k)[: len(chunk)]
+        correct[start : start + len(chunk)] = rewards
+        lengths.append(out["length"].reshape(batch_size, k)[: len(chunk)].mean())
         bar.update(len(chunk))
     bar.close()
     name = "pass@1" if k == 1 else f"avg@{k}"
-    return {name: float(correct.mean()), f"pass@{k}": float((correct.max(1) > 0).mean()),
-            "n": len(examples), "response_length": float(np.mean(lengths))}
+    return {
+        name: float(correct.mean()),
+        f"pass@{k}": float((correct.max(1) > 0).mean()),
+        "n": len(examples),
+        "response_length": float(np.mean(lengths)),
+    }

@@ -21,10 +21,12 @@ _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face folder to convert 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _RUN_CONFIG = flags.DEFINE_string(
-    "run_config", None, "The run's config.json (default: ../config.json beside --ckpt).")
+    "run_config", None, "The run's config.json (default: ../config.json beside --ckpt)."
+)
 _DTYPE = flags.DEFINE_string("dtype", None, "Weight dtype of the HF export (default: params').")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer_dir", None, "Copy tokenizer files from here into the HF export.")
+    "tokenizer_dir", None, "Copy tokenizer files from here into the HF export."
+)
 
 
 def model_config_of_run(ckpt_dir: str, run_config: str | None):
@@ -59,13 +61,13 @@ def hf_to_orbax(hf_dir, out_dir):
     from jaxtrace.models import hf  # noqa: PLC0415
 
     cfg, _, params = hf.load_hf(hf_dir)
-    ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(out_dir), "ckpt"), keep=1,
-                                   async_save=False)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(os.path.abspath(out_dir), "ckpt"), keep=1, async_save=False
+    )
     ckpt.save(0, {"params": params, "step": jnp.int32(0)}, {"source": hf_dir}, force=True)
     ckpt.close()
     run = base()
-    run.model.update({k: list(v) if isinstance(v, tuple) else v
-                      for k, v in cfg.__dict__.items()})
+    run.model.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(run.to_json_best_effort(indent=2))
     return os.path.join(out_dir, "ckpt")
@@ -74,13 +76,21 @@ def hf_to_orbax(hf_dir, out_dir):
 def main(argv):
     del argv
     if bool(_CKPT.value) == bool(_FROM_HF.value):
-        print("error: give exactly one of --ckpt (Orbax -> HF) and --from_hf (HF -> Orbax)",
-              file=sys.stderr)
+        print(
+            "error: give exactly one of --ckpt (Orbax -> HF) and --from_hf (HF -> Orbax)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     try:
         if _CKPT.value:
-            step = orbax_to_hf(_CKPT.value, _OUT.value, _STEP.value, _RUN_CONFIG.value,
-                               _DTYPE.value, _TOKENIZER.value)
+            step = orbax_to_hf(
+                _CKPT.value,
+                _OUT.value,
+                _STEP.value,
+                _RUN_CONFIG.value,
+                _DTYPE.value,
+                _TOKENIZER.value,
+            )
             print(f"wrote HF folder {_OUT.value} from step {step} of {_CKPT.value}")
         else:
             path = hf_to_orbax(_FROM_HF.value, _OUT.value)

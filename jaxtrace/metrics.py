@@ -46,8 +46,15 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
     """A tqdm bar on stderr (a no-op object when disabled or not a terminal in CI)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

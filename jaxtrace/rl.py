@@ -31,9 +31,12 @@ class PromptEncoder:
             if self.tok.bos_id is not None:
                 ids = [self.tok.bos_id] + ids
             if len(ids) > limit:
-                raise ValueError(f"{what} has {len(ids)} tokens, more than its budget {limit} "
-                                 f"(raise rollout.max_{'privileged' if what.startswith('priv') else 'prompt'}_len): "
-                                 f"{text[:80]!r}...")
+                raise ValueError(
+                    f"{what} has {len(ids)} tokens, more than its budget {limit} "
+                    f"(raise rollout.max_{'privileged' if what.startswith('priv') else 'prompt'}"
+                    "_len): "
+                    f"{text[:80]!r}..."
+                )
             self._cache[key] = ids
         return self._cache[key]
 
@@ -42,8 +45,12 @@ class PromptEncoder:
         return left_pad(ids, self.p, self.tok.pad_id)
 
     def privileged(self, examples, correct):
-        ids = [self._ids(self.privileged_fn(e.question, e.reference, bool(c)), self.q,
-                         "privileged prompt") for e, c in zip(examples, correct)]
+        ids = [
+            self._ids(
+                self.privileged_fn(e.question, e.reference, bool(c)), self.q, "privileged prompt"
+            )
+            for e, c in zip(examples, correct)
+        ]
         return left_pad(ids, self.q, self.tok.pad_id)
 
     def response_ids(self, text: str) -> list[int]:
@@ -58,8 +65,10 @@ def decode_responses(tokenizer, response, mask):
 
 def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_tokens):
     """Character spans from the annotator -> key / error token masks [R, N]."""
-    requests = [AnnotationRequest(e.question, e.reference, t, bool(c))
-                for e, t, c in zip(examples, texts, correct)]
+    requests = [
+        AnnotationRequest(e.question, e.reference, t, bool(c))
+        for e, t, c in zip(examples, texts, correct)
+    ]
     results = annotator.annotate(requests)
     key = np.zeros((len(texts), num_tokens), bool)
     err = np.zeros_like(key)
@@ -67,15 +76,27 @@ def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_toke
     for i, (res, row_ids, text) in enumerate(zip(results, ids, texts)):
         if not res.spans:
             continue
-        mask, n_bad = char_spans_to_token_mask(res.spans, tokenizer.offsets(row_ids), num_tokens,
-                                               text=text, return_dropped=True)
+        mask, n_bad = char_spans_to_token_mask(
+            res.spans, tokenizer.offsets(row_ids), num_tokens, text=text, return_dropped=True
+        )
         dropped += n_bad
         (key if correct[i] else err)[i] = mask
     return key, err, dropped
 
 
-def build_batch(rollout, examples, rewards, *, group_size, tokenizer, encoder, algo, annotator,
-                lam: float, divergence_fn=None):
+def build_batch(
+    rollout,
+    examples,
+    rewards,
+    *,
+    group_size,
+    tokenizer,
+    encoder,
+    algo,
+    annotator,
+    lam: float,
+    divergence_fn=None,
+):
     """The training batch (numpy) and host metrics for one step.
 
     `rollout`: numpy dict from the sampler; `examples`: the R examples (repeated per sample);
@@ -86,17 +107,30 @@ def build_batch(rollout, examples, rewards, *, group_size, tokenizer, encoder, a
     length = mask.sum(1)
     truncated = ~rollout["stopped"].astype(bool)
     if algo.overlong_cache_len > 0:
-        rewards = rewards + np.asarray(grpo_lib.overlong_penalty(
-            length, mask.shape[1], algo.overlong_cache_len))
-    adv, zero_var = (np.asarray(x) for x in grpo_lib.group_advantages(
-        rewards, group_size, scale="none" if algo.name == "drgrpo" else algo.adv_scale))
+        rewards = rewards + np.asarray(
+            grpo_lib.overlong_penalty(length, mask.shape[1], algo.overlong_cache_len)
+        )
+    adv, zero_var = (
+        np.asarray(x)
+        for x in grpo_lib.group_advantages(
+            rewards, group_size, scale="none" if algo.name == "drgrpo" else algo.adv_scale
+        )
+    )
     correct = rewards > 0.5
-    batch = {"prompt": rollout["prompt"], "prompt_valid": rollout["prompt_valid"],
-             "response": rollout["response"], "response_mask": mask,
-             "advantages": adv.astype(np.float32)}
-    metrics = {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
-               "response_length": float(length.mean()), "truncated_frac": float(truncated.mean()),
-               "zero_variance_group_frac": float(zero_var.mean())}
+    batch = {
+        "prompt": rollout["prompt"],
+        "prompt_valid": rollout["prompt_valid"],
+        "response": rollout["response"],
+        "response_mask": mask,
+        "advantages": adv.astype(np.float32),
+    }
+    metrics = {
+        "reward": float(rewards.mean()),
+        "accuracy": float(correct.mean()),
+        "response_length": float(length.mean()),
+        "truncated_frac": float(truncated.mean()),
+        "zero_variance_group_frac": float(zero_var.mean()),
+    }
     needs_teacher = algo.name in ("opsd", "opsd+grpo") or (algo.name == "trace" and lam > 0)
     key = err = None
     if needs_teacher:
@@ -104,17 +138,28 @@ def build_batch(rollout, examples, rewards, *, group_size, tokenizer, encoder, a
     if algo.name == "trace" and lam > 0:
         if algo.annotator == "divergence":
             kl = np.asarray(divergence_fn(batch))
-            picked = np.asarray(divergence_mask(kl, mask, top_frac=algo.divergence_top_frac,
-                                                merge_gap=algo.divergence_merge_gap))
+            picked = np.asarray(
+                divergence_mask(
+                    kl, mask, top_frac=algo.divergence_top_frac, merge_gap=algo.divergence_merge_gap
+                )
+            )
             key, err = picked & correct[:, None], picked & ~correct[:, None]
         elif algo.annotator != "none":
             ids, texts = decode_responses(tokenizer, rollout["response"], mask)
-            key, err, dropped = annotate_masks(annotator, tokenizer, examples, ids, texts,
-                                               correct, mask.shape[1])
+            key, err, dropped = annotate_masks(
+                annotator, tokenizer, examples, ids, texts, correct, mask.shape[1]
+            )
             metrics["annotator_dropped_spans"] = dropped
-    route = np.asarray(trace_lib.token_routes(
-        mask, key, err, correct, fkl_on_key_spans=algo.fkl_on_key_spans,
-        rkl_on_error_spans=algo.rkl_on_error_spans))
+    route = np.asarray(
+        trace_lib.token_routes(
+            mask,
+            key,
+            err,
+            correct,
+            fkl_on_key_spans=algo.fkl_on_key_spans,
+            rkl_on_error_spans=algo.rkl_on_error_spans,
+        )
+    )
     if algo.overlong_filter or algo.name == "dapo":
         route = np.where(truncated[:, None], trace_lib.ROUTE_IGNORE, route)
     batch["route"] = route.astype(np.int32)

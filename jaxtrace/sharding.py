@@ -47,13 +47,16 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
         raise ValueError(f"mesh {dict(axes)}: sizes must be positive or -1")
     fixed = math.prod(s for s in sizes if s != -1)
     if len(devices) % fixed:
-        raise ValueError(f"mesh {dict(axes)} needs a multiple of {fixed} devices, "
-                         f"but there are {len(devices)}")
+        raise ValueError(
+            f"mesh {dict(axes)} needs a multiple of {fixed} devices, but there are {len(devices)}"
+        )
     sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} has {math.prod(sizes)} slots for "
-                         f"{len(devices)} devices; the axis sizes must multiply to the device "
-                         "count (use -1 on one axis to fill)")
+        raise ValueError(
+            f"mesh {dict(zip(names, sizes))} has {math.prod(sizes)} slots for "
+            f"{len(devices)} devices; the axis sizes must multiply to the device "
+            "count (use -1 on one axis to fill)"
+        )
     try:
         from jax.experimental import mesh_utils  # noqa: PLC0415
 
@@ -63,8 +66,9 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     return Mesh(grid, names)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules=DEFAULT_RULES) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+) -> PartitionSpec:
     """The PartitionSpec of one array: each logical name through the rules, replicated where the
     mesh axis is absent, of size 1, already used, or does not divide the dimension."""
     table = dict(rules)
@@ -73,8 +77,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     for name, dim in zip(axes, shape):
         target = table.get(name) if name is not None else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
-        targets = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1
-                        and t not in used)
+        targets = tuple(
+            t for t in targets if t in mesh.shape and mesh.shape[t] > 1 and t not in used
+        )
         size = math.prod(mesh.shape[t] for t in targets)
         if not targets or dim % size:
             spec.append(None)
@@ -91,14 +96,20 @@ def param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES):
     _, abstract = abstract_model(model_cfg)
     return jax.tree.map(
         lambda axes, leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)),
-        logical_axes(model_cfg), abstract, is_leaf=lambda x: isinstance(x, tuple))
+        logical_axes(model_cfg),
+        abstract,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
     """Shards the leading (batch) dimension over the data-parallel axes."""
     target = dict(rules)["batch"]
-    axes = tuple(a for a in ((target,) if isinstance(target, str) else target)
-                 if a in mesh.shape and mesh.shape[a] > 1)
+    axes = tuple(
+        a
+        for a in ((target,) if isinstance(target, str) else target)
+        if a in mesh.shape and mesh.shape[a] > 1
+    )
     lead = axes if len(axes) > 1 else (axes[0] if axes else None)
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
 
@@ -116,10 +127,16 @@ def shard_batch(batch, mesh: Mesh):
     def put(x):
         x = np.asarray(x)
         if x.ndim and x.shape[0] % dp:
-            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the "
-                             f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
-        return jax.device_put(x, batch_sharding(mesh, max(x.ndim, 1)) if x.ndim
-                              else NamedSharding(mesh, PartitionSpec()))
+            raise ValueError(
+                f"batch dimension {x.shape[0]} is not divisible by the "
+                f"data-parallel size {dp} of mesh {dict(mesh.shape)}"
+            )
+        return jax.device_put(
+            x,
+            batch_sharding(mesh, max(x.ndim, 1))
+            if x.ndim
+            else NamedSharding(mesh, PartitionSpec()),
+        )
 
     return jax.tree.map(put, batch)
 

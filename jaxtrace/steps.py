@@ -38,13 +38,17 @@ class LossConfig:
     kl_implementation: str | None = None
 
 
-def make_optimizer(lr, warmup_steps: int, grad_clip: float, weight_decay: float, b1: float,
-                   b2: float):
+def make_optimizer(
+    lr, warmup_steps: int, grad_clip: float, weight_decay: float, b1: float, b2: float
+):
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
-        [max(warmup_steps, 1)])
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+        [max(warmup_steps, 1)],
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
+    )
 
 
 def response_hidden(model, prompt, prompt_valid, response, response_mask):
@@ -53,14 +57,17 @@ def response_hidden(model, prompt, prompt_valid, response, response_mask):
     tokens = jnp.concatenate([prompt, response], axis=1)
     valid = jnp.concatenate([prompt_valid, response_mask], axis=1)
     hidden, _ = model(tokens, positions_from_valid(valid), causal_mask(valid))
-    return hidden[:, p - 1:p - 1 + n]
+    return hidden[:, p - 1 : p - 1 + n]
 
 
 def _token_logprobs(model, h_RxNxD, response, impl):
     r, n, d = h_RxNxD.shape
     logp, entropy = span_kl_op.token_logprobs(
-        h_RxNxD.reshape(r * n, d), model.lm_head_weight().astype(h_RxNxD.dtype),
-        response.reshape(r * n), implementation=impl)
+        h_RxNxD.reshape(r * n, d),
+        model.lm_head_weight().astype(h_RxNxD.dtype),
+        response.reshape(r * n),
+        implementation=impl,
+    )
     return logp.reshape(r, n), jax.lax.stop_gradient(entropy).reshape(r, n)
 
 
@@ -71,21 +78,25 @@ def _masked_mean(x, mask):
 
 def _apply_if_finite(optimizer, state, grads, loss):
     """One optimizer update, or none at all when the loss or any gradient is not finite."""
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {"params": keep(new_params, state["params"]),
-                 "opt_state": keep(new_opt, state["opt_state"]),
-                 "step": state["step"] + 1}  # counts iterations, skipped ones included
+    new_state = {
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "step": state["step"] + 1,
+    }  # counts iterations, skipped ones included
     return new_state, finite
 
 
 def sft_loss(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
-    h = response_hidden(model, batch["prompt"], batch["prompt_valid"], batch["response"],
-                        batch["response_mask"])
+    h = response_hidden(
+        model, batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
+    )
     logp, _ = _token_logprobs(model, h, batch["response"], None)
     return -_masked_mean(logp, batch["response_mask"])
 
@@ -104,21 +115,31 @@ def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
     """Routed KL [R, N] between the student and the privileged teacher (same weights,
     stop-gradient) on the student's own response tokens."""
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params))
-    h_t = jax.lax.stop_gradient(response_hidden(
-        teacher, batch["privileged"], batch["privileged_valid"], batch["response"],
-        batch["response_mask"]))
+    h_t = jax.lax.stop_gradient(
+        response_hidden(
+            teacher,
+            batch["privileged"],
+            batch["privileged_valid"],
+            batch["response"],
+            batch["response_mask"],
+        )
+    )
     r, n, d = h_student.shape
     kl = span_kl_op.span_kl(
-        h_student.reshape(r * n, d), model.lm_head_weight().astype(h_student.dtype),
-        route_kl.reshape(r * n), h_teacher_TxD=h_t.reshape(r * n, d).astype(h_student.dtype),
-        implementation=impl)
+        h_student.reshape(r * n, d),
+        model.lm_head_weight().astype(h_student.dtype),
+        route_kl.reshape(r * n),
+        h_teacher_TxD=h_t.reshape(r * n, d).astype(h_student.dtype),
+        implementation=impl,
+    )
     return kl.reshape(r, n)
 
 
 def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
     model = nnx.merge(graphdef, params)
-    h = response_hidden(model, batch["prompt"], batch["prompt_valid"], batch["response"],
-                        batch["response_mask"])
+    h = response_hidden(
+        model, batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
+    )
     logp, entropy = _token_logprobs(model, h, batch["response"], cfg.kl_implementation)
     route = trace_lib.routes_for_mode(batch["route"], cfg.mode, opsd_route=cfg.opsd_route)
     if use_teacher:
@@ -127,9 +148,20 @@ def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
     else:
         kl = jnp.zeros_like(logp)
     loss, metrics = trace_lib.trace_loss(
-        logp, jax.lax.stop_gradient(logp), batch["advantages"], batch["route"], kl, lam,
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_kl_coef=cfg.ref_kl_coef, norm=cfg.norm,
-        max_len=cfg.max_len, mode=cfg.mode, opsd_route=cfg.opsd_route)
+        logp,
+        jax.lax.stop_gradient(logp),
+        batch["advantages"],
+        batch["route"],
+        kl,
+        lam,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        ref_kl_coef=cfg.ref_kl_coef,
+        norm=cfg.norm,
+        max_len=cfg.max_len,
+        mode=cfg.mode,
+        opsd_route=cfg.opsd_route,
+    )
     metrics["entropy"] = _masked_mean(entropy, batch["response_mask"])
     return loss, metrics
 
@@ -139,7 +171,8 @@ def make_rl_step(graphdef, optimizer, cfg: LossConfig):
 
     def step(state, batch, lam, use_teacher):
         grad_fn = jax.value_and_grad(
-            lambda p: rl_loss(graphdef, p, batch, lam, cfg, use_teacher), has_aux=True)
+            lambda p: rl_loss(graphdef, p, batch, lam, cfg, use_teacher), has_aux=True
+        )
         (loss, metrics), grads = grad_fn(state["params"])
         state, finite = _apply_if_finite(optimizer, state, grads, loss)
         metrics.update(grad_norm=optax.global_norm(grads), finite=finite)
@@ -155,8 +188,9 @@ def make_divergence_fn(graphdef, impl=None):
     @jax.jit
     def fn(params, batch):
         model = nnx.merge(graphdef, params)
-        h = response_hidden(model, batch["prompt"], batch["prompt_valid"], batch["response"],
-                            batch["response_mask"])
+        h = response_hidden(
+            model, batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
+        )
         route = batch["response_mask"].astype(jnp.int32)  # 1 = FKL on every response token
         return teacher_kl(graphdef, model, params, batch, h, route, impl)
 

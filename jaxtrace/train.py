@@ -20,12 +20,15 @@ from ml_collections import config_flags
 from jaxtrace.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py), e.g. configs/tiny.py.",
-    lock_config=True)
+    "config", None, "Path to a config file (configs/*.py), e.g. configs/tiny.py.", lock_config=True
+)
 flags.mark_flags_as_required(["config"])
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", None, "Call jax.distributed.initialize() (default: only when more than one "
-    "host is detected from the environment, e.g. on a multi-host TPU pod).")
+    "distributed",
+    None,
+    "Call jax.distributed.initialize() (default: only when more than one "
+    "host is detected from the environment, e.g. on a multi-host TPU pod).",
+)
 
 
 def maybe_initialize_distributed(force: bool | None) -> None:
@@ -33,9 +36,10 @@ def maybe_initialize_distributed(force: bool | None) -> None:
 
     import jax  # noqa: PLC0415
 
-    multi_host = any(os.environ.get(k) for k in (
-        "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")) or int(
-        os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) > 0
+    multi_host = (
+        any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"))
+        or int(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) > 0
+    )
     if force or (force is None and multi_host):
         jax.distributed.initialize()
 
@@ -79,7 +83,7 @@ def parse_flags(argv):
         msg = str(e).strip().strip('"').strip("'") or type(e).__name__
         if isinstance(e, AttributeError | KeyError):
             bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and msg in a]
-            msg = f"unknown config key {bad[0][len('--config.'):]!r}" if bad else msg
+            msg = f"unknown config key {bad[0][len('--config.') :]!r}" if bad else msg
         print(f"error: bad flag or config override: {msg}", file=sys.stderr)
         sys.exit(2)
 

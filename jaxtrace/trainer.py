@@ -7,6 +7,7 @@ function of the step or lives in the checkpoint's JSON, so a resumed run is bitw
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,8 +42,11 @@ def setup_tokenizer(config, train_examples):
     if config.data.tokenizer:
         return tok_lib.load(config.data.tokenizer)
     remote = paths.join(config.workdir, "tokenizer.model")
-    local = remote if not paths.is_remote(remote) else os.path.join(
-        tempfile.mkdtemp(prefix="jaxtrace_tok"), "tokenizer.model")
+    local = (
+        remote
+        if not paths.is_remote(remote)
+        else os.path.join(tempfile.mkdtemp(prefix="jaxtrace_tok"), "tokenizer.model")
+    )
     if paths.exists(remote):
         if local != remote:
             with paths.open_path(remote, "rb") as src, open(local, "wb") as dst:
@@ -52,8 +56,9 @@ def setup_tokenizer(config, train_examples):
     texts = [f"{student(e.question)} {e.reference}" for e in train_examples]
     texts += [privileged(e.question, e.reference, True) for e in train_examples[:200]]
     texts += [privileged(e.question, e.reference, False) for e in train_examples[:200]]
-    tok = tok_lib.train_sentencepiece(texts, local[: -len(".model")], config.data.vocab_size,
-                                      model_type="bpe")
+    tok = tok_lib.train_sentencepiece(
+        texts, local[: -len(".model")], config.data.vocab_size, model_type="bpe"
+    )
     if local != remote and jax.process_index() == 0:
         with open(local, "rb") as src, paths.open_path(remote, "wb") as dst:
             dst.write(src.read())
@@ -63,8 +68,10 @@ def setup_tokenizer(config, train_examples):
 def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
     """Fails before any compute on inputs that cannot run (each error names the thing)."""
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model "
-                         f"vocab (model.vocab_size={model_cfg.vocab_size})")
+        raise ValueError(
+            f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model "
+            f"vocab (model.vocab_size={model_cfg.vocab_size})"
+        )
     if not train:
         raise ValueError("the training set is empty")
     for e in train + test:
@@ -79,8 +86,10 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
         size = config.mesh.get(axis, 1)
         mesh_dp *= dp if size == -1 else size
     if rows % max(mesh_dp, 1):
-        raise ValueError(f"rollout batch prompts_per_step*group_size={rows} is not divisible by "
-                         f"the data-parallel size {mesh_dp}")
+        raise ValueError(
+            f"rollout batch prompts_per_step*group_size={rows} is not divisible by "
+            f"the data-parallel size {mesh_dp}"
+        )
 
 
 def init_params(config, model_cfg, mesh):
@@ -88,13 +97,18 @@ def init_params(config, model_cfg, mesh):
     if config.init_from.startswith("hf:"):
         from jaxtrace.models import hf  # noqa: PLC0415
 
-        _, graphdef, params = hf.load_hf(config.init_from[3:], lambda _: shardings,
-                                         dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+        _, graphdef, params = hf.load_hf(
+            config.init_from[3:],
+            lambda _: shardings,
+            dtype=model_cfg.dtype,
+            param_dtype=model_cfg.param_dtype,
+        )
         return graphdef, params
     if config.init_from.startswith("ckpt:"):
         graphdef, abstract = abstract_model(model_cfg)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
         params, _ = checkpoint.restore_params(config.init_from[5:], abstract)
         return graphdef, params
     return sharding.init_sharded(model_cfg, mesh, seed=config.seed)
@@ -111,8 +125,12 @@ def make_annotator(config, train_examples, generate_text=None):
     if kind == "file":
         return annotate.FileAnnotator(config.algo.annotation_file)
     if kind == "api":
-        return annotate.OpenAIAnnotator(config.algo.api_base_url, config.algo.api_model,
-                                        config.algo.api_key_env, config.algo.api_timeout_s)
+        return annotate.OpenAIAnnotator(
+            config.algo.api_base_url,
+            config.algo.api_model,
+            config.algo.api_key_env,
+            config.algo.api_timeout_s,
+        )
     if kind == "self":
         return annotate.SelfAnnotator(generate_text)
     return None  # divergence / none
@@ -134,12 +152,13 @@ def sft_batches(examples, encoder, batch_size, privileged_fraction, response_len
         for i, e in enumerate(chosen):
             ids = encoder.response_ids(e.reference)
             if len(ids) > response_len:
-                raise ValueError(f"reference solution of {len(ids)} tokens is longer than "
-                                 f"rollout.max_new_tokens={response_len}: {e.reference[:60]!r}")
-            response[i, :len(ids)] = ids
-            mask[i, :len(ids)] = True
-        yield {"prompt": prompt, "prompt_valid": valid, "response": response,
-               "response_mask": mask}
+                raise ValueError(
+                    f"reference solution of {len(ids)} tokens is longer than "
+                    f"rollout.max_new_tokens={response_len}: {e.reference[:60]!r}"
+                )
+            response[i, : len(ids)] = ids
+            mask[i, : len(ids)] = True
+        yield {"prompt": prompt, "prompt_valid": valid, "response": response, "response_mask": mask}
 
 
 # ---------------------------------------------------------------------------- phases
@@ -151,12 +170,19 @@ def warm_start(config, graphdef, params, encoder, train, mesh, writer):
         ckpt.close()
         return state["params"]
     s = config.sft
-    opt = steps.make_optimizer(s.lr, s.warmup_steps, config.optim.grad_clip, 0.0,
-                               config.optim.b1, config.optim.b2)
+    opt = steps.make_optimizer(
+        s.lr, s.warmup_steps, config.optim.grad_clip, 0.0, config.optim.b1, config.optim.b2
+    )
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0)}
     step_fn = steps.make_sft_step(graphdef, opt)
-    batches = sft_batches(train, encoder, s.batch_size, s.privileged_fraction,
-                          config.rollout.max_new_tokens, config.seed)
+    batches = sft_batches(
+        train,
+        encoder,
+        s.batch_size,
+        s.privileged_fraction,
+        config.rollout.max_new_tokens,
+        config.seed,
+    )
     bar = metrics.progress(s.steps, "sft", enabled=config.train.progress)
     for i in range(s.steps):
         state, m = step_fn(state, sharding.shard_batch(next(batches), mesh))
@@ -215,24 +241,35 @@ def run(config) -> dict:
     train, test = tasks.load(config.data, seed=config.seed)
     tokenizer = setup_tokenizer(config, train)
     r = config.rollout
-    encoder = rl.PromptEncoder(tokenizer, config.data.template, r.max_prompt_len,
-                               r.max_privileged_len)
+    encoder = rl.PromptEncoder(
+        tokenizer, config.data.template, r.max_prompt_len, r.max_privileged_len
+    )
     check_inputs(config, model_cfg, tokenizer, encoder, train, test)
     writer = metrics.MetricWriter(config.workdir, enabled=is_main)
     graphdef, params = init_params(config, model_cfg, mesh)
-    verifier = MathVerifier(timeout_s=config.verifier.timeout_s,
-                            num_workers=config.verifier.num_workers)
+    verifier = MathVerifier(
+        timeout_s=config.verifier.timeout_s, num_workers=config.verifier.num_workers
+    )
 
     def run_eval(p, tag):
         e = config.eval
         return evaluation.evaluate(
-            graphdef, p, test, tokenizer=tokenizer, encoder=encoder, verifier=verifier,
-            max_new_tokens=r.max_new_tokens, num_samples=e.num_samples,
-            temperature=e.temperature, batch_size=e.batch_size, seed=config.seed,
-            show_progress=config.train.progress, desc=f"eval {tag}")
+            graphdef,
+            p,
+            test,
+            tokenizer=tokenizer,
+            encoder=encoder,
+            verifier=verifier,
+            max_new_tokens=r.max_new_tokens,
+            num_samples=e.num_samples,
+            temperature=e.temperature,
+            batch_size=e.batch_size,
+            seed=config.seed,
+            show_progress=config.train.progress,
+            desc=f"eval {tag}",
+        )
 
-    ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"),
-                                  keep=config.train.keep_ckpts)
+    ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"), keep=config.train.keep_ckpts)
     a, o = config.algo, config.optim
     optimizer = steps.make_optimizer(o.lr, o.warmup_steps, o.grad_clip, o.weight_decay, o.b1, o.b2)
     results: dict = {}
@@ -242,8 +279,12 @@ def run(config) -> dict:
         results["before"] = run_eval(params, "before RL")
         log.info("held-out accuracy before RL: %s", results["before"])
         state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-        host = {"cum_exposure": 0.0, "consecutive_nonfinite": 0, "skipped_steps": 0,
-                "before": results["before"]}
+        host = {
+            "cum_exposure": 0.0,
+            "consecutive_nonfinite": 0,
+            "skipped_steps": 0,
+            "before": results["before"],
+        }
     else:
         abstract = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
         state, host = ckpt.restore(None, abstract)
@@ -252,29 +293,47 @@ def run(config) -> dict:
 
     mode = {"dapo": "grpo", "drgrpo": "grpo"}.get(a.name, a.name)
     loss_cfg = steps.LossConfig(
-        mode=mode, eps_low=a.eps_low, eps_high=a.eps_high if a.name != "grpo" else a.eps_low,
-        norm="constant" if a.name == "drgrpo" else a.norm, max_len=r.max_new_tokens,
+        mode=mode,
+        eps_low=a.eps_low,
+        eps_high=a.eps_high if a.name != "grpo" else a.eps_low,
+        norm="constant" if a.name == "drgrpo" else a.norm,
+        max_len=r.max_new_tokens,
         ref_kl_coef=a.ref_kl_coef,
         opsd_route=trace_lib.ROUTE_RKL if a.opsd_route == "rkl" else trace_lib.ROUTE_FKL,
-        kl_implementation=a.kl_implementation or None)
+        kl_implementation=a.kl_implementation or None,
+    )
     rl_step = steps.make_rl_step(graphdef, optimizer, loss_cfg)
-    sampling = SamplingConfig(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
-                              temperature=r.temperature, top_p=r.top_p, num_samples=r.group_size,
-                              stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    sampling = SamplingConfig(
+        max_prompt_len=r.max_prompt_len,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        num_samples=r.group_size,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id,
+    )
     generate = make_generate(graphdef, sampling)
     divergence = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
-    annotator = make_annotator(config, train,
-                               _self_generate(graphdef, lambda: state["params"], tokenizer, r))
+    annotator = make_annotator(
+        config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r)
+    )
 
     start = int(state["step"])
-    bar = metrics.progress(config.train.steps, f"rl:{a.name}", enabled=config.train.progress,
-                           initial=start)
+    bar = metrics.progress(
+        config.train.steps, f"rl:{a.name}", enabled=config.train.progress, initial=start
+    )
     t_last, step_times = time.perf_counter(), []
     with _Preemption() as preempt:
         for step in range(start, config.train.steps):
-            lam = float(trace_lib.kl_coef(step, lambda0=a.kl_lambda0,
-                                          warmup_steps=a.kl_warmup_steps,
-                                          decay_steps=a.kl_decay_steps, decay=a.kl_decay))
+            lam = float(
+                trace_lib.kl_coef(
+                    step,
+                    lambda0=a.kl_lambda0,
+                    warmup_steps=a.kl_warmup_steps,
+                    decay_steps=a.kl_decay_steps,
+                    decay=a.kl_decay,
+                )
+            )
             lam = lam if a.name == "trace" else (a.kl_lambda0 if mode.startswith("opsd") else 0.0)
             idx = prompt_indices(step, r.prompts_per_step, len(train), config.seed)
             chosen = [train[i] for i in idx]
@@ -282,15 +341,25 @@ def run(config) -> dict:
             rng = jax.random.fold_in(jax.random.key(config.seed), step)
             out = jax.tree.map(np.asarray, generate(state["params"], prompt, valid, rng, None))
             examples = [e for e in chosen for _ in range(r.group_size)]
-            texts = [tokenizer.decode(row[m]) for row, m in zip(out["response"],
-                                                                 out["response_mask"])]
+            texts = [
+                tokenizer.decode(row[m]) for row, m in zip(out["response"], out["response_mask"])
+            ]
             rewards, vstats = verifier.score(texts, [e.answer for e in examples])
             batch, host_m, use_teacher = rl.build_batch(
-                out, examples, rewards, group_size=r.group_size, tokenizer=tokenizer,
-                encoder=encoder, algo=a, annotator=annotator, lam=lam,
-                divergence_fn=lambda b: divergence(state["params"], sharding.shard_batch(b, mesh)))
-            state, m = rl_step(state, sharding.shard_batch(batch, mesh), jnp.float32(lam),
-                               use_teacher)
+                out,
+                examples,
+                rewards,
+                group_size=r.group_size,
+                tokenizer=tokenizer,
+                encoder=encoder,
+                algo=a,
+                annotator=annotator,
+                lam=lam,
+                divergence_fn=functools.partial(_divergence, divergence, state["params"], mesh),
+            )
+            state, m = rl_step(
+                state, sharding.shard_batch(batch, mesh), jnp.float32(lam), use_teacher
+            )
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not m.pop("finite"):
                 host["consecutive_nonfinite"] += 1
@@ -298,25 +367,34 @@ def run(config) -> dict:
                 if host["consecutive_nonfinite"] >= config.train.max_consecutive_nonfinite:
                     raise NonFiniteError(
                         f"{host['consecutive_nonfinite']} consecutive steps with a non-finite "
-                        f"loss or gradient (last at step {step}); params were left unchanged")
+                        f"loss or gradient (last at step {step}); params were left unchanged"
+                    )
             else:
                 host["consecutive_nonfinite"] = 0
                 host["cum_exposure"] += m.get("exposure", 0.0)
             now = time.perf_counter()
             step_times.append(now - t_last)
             t_last = now
-            m.update(host_m, cum_exposure=host["cum_exposure"],
-                     skipped_steps=host["skipped_steps"], step_time_s=step_times[-1],
-                     verifier_timeouts=vstats.get("timeout", 0))
+            m.update(
+                host_m,
+                cum_exposure=host["cum_exposure"],
+                skipped_steps=host["skipped_steps"],
+                step_time_s=step_times[-1],
+                verifier_timeouts=vstats.get("timeout", 0),
+            )
             done = step + 1
             if done % config.train.log_every == 0 or done == config.train.steps:
                 writer.write(done, m, prefix="train/")
-                bar.set_postfix(acc=f"{m['accuracy']:.2f}", lam=f"{lam:.2f}",
-                                fkl=f"{m.get('frac_fkl', 0):.2f}")
+                bar.set_postfix(
+                    acc=f"{m['accuracy']:.2f}", lam=f"{lam:.2f}", fkl=f"{m.get('frac_fkl', 0):.2f}"
+                )
             if config.train.eval_every and done % config.train.eval_every == 0:
                 writer.write(done, run_eval(state["params"], f"step {done}"), prefix="eval/")
-            if done % config.train.ckpt_every == 0 or done == config.train.steps or \
-                    preempt.requested:
+            if (
+                done % config.train.ckpt_every == 0
+                or done == config.train.steps
+                or preempt.requested
+            ):
                 ckpt.save(done, state, host, force=True)
             bar.update(1)
             if preempt.requested:
@@ -340,11 +418,20 @@ def run(config) -> dict:
     return results
 
 
+def _divergence(fn, params, mesh, batch):
+    return fn(params, sharding.shard_batch(batch, mesh))
+
+
 def _self_generate(graphdef, get_params, tokenizer, r):
     """generate_fn for self-annotation: the current policy, greedy, prompts cut to fit."""
     budget = 4 * r.max_privileged_len
-    cfg = SamplingConfig(max_prompt_len=budget, max_new_tokens=2 * r.max_new_tokens, greedy=True,
-                         stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    cfg = SamplingConfig(
+        max_prompt_len=budget,
+        max_new_tokens=2 * r.max_new_tokens,
+        greedy=True,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id,
+    )
     gen = None
 
     def generate_text(prompts):
@@ -353,8 +440,7 @@ def _self_generate(graphdef, get_params, tokenizer, r):
         ids = [tokenizer.encode(p)[-budget:] for p in prompts]
         from jaxtrace.rollout import left_pad  # noqa: PLC0415
 
-        out = gen(get_params(), *left_pad(ids, budget, tokenizer.pad_id), jax.random.key(0),
-                  None)
+        out = gen(get_params(), *left_pad(ids, budget, tokenizer.pad_id), jax.random.key(0), None)
         out = jax.tree.map(np.asarray, out)
         return [tokenizer.decode(row[m]) for row, m in zip(out["response"], out["response_mask"])]
 

@@ -6,8 +6,9 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight host devices for the sharding tests; must be set before jax initialises its backend.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -18,8 +18,11 @@ SHAPES = [  # heads, kv_heads, head_dim, hidden, tie
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s['heads']}k{s['kv_heads']}"
-                         f"d{s['head_dim']}{'t' if s['tie'] else 'u'}")
+@pytest.mark.parametrize(
+    "shape",
+    SHAPES,
+    ids=lambda s: f"h{s['heads']}k{s['kv_heads']}d{s['head_dim']}{'t' if s['tie'] else 'u'}",
+)
 def test_logits_match_transformers(tmp_path, shape):
     model, path = tiny_qwen3(tmp_path, **shape)
     cfg, graphdef, params = hf_io.load_hf(path)
@@ -66,8 +69,10 @@ def test_sharded_export_with_index(tmp_path):
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
     _, _, params2 = hf_io.load_hf(out)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 5)))
-    np.testing.assert_array_equal(np.asarray(forward_logits(graphdef, params, ids)),
-                                  np.asarray(forward_logits(graphdef, params2, ids)))
+    np.testing.assert_array_equal(
+        np.asarray(forward_logits(graphdef, params, ids)),
+        np.asarray(forward_logits(graphdef, params2, ids)),
+    )
 
 
 def test_bfloat16_export_roundtrip(tmp_path):
@@ -81,9 +86,11 @@ def test_bfloat16_export_roundtrip(tmp_path):
 
 
 def test_pickle_only_folder_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "qwen3", "vocab_size": 8, '
-                                          '"hidden_size": 8, "intermediate_size": 8, '
-                                          '"num_hidden_layers": 1, "num_attention_heads": 2}')
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "qwen3", "vocab_size": 8, '
+        '"hidden_size": 8, "intermediate_size": 8, '
+        '"num_hidden_layers": 1, "num_attention_heads": 2}'
+    )
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="safetensors only"):
         hf_io.load_hf(str(tmp_path))

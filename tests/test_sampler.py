@@ -9,8 +9,17 @@ from jaxtrace import models
 from jaxtrace.models import ModelConfig
 from jaxtrace.rollout import SamplingConfig, left_pad, make_generate
 
-CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, rope_theta=10_000.0, tie_word_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=10_000.0,
+    tie_word_embeddings=False,
+)
 PROMPTS = [[5, 9, 2, 7], [11], [3, 4, 5, 6, 7, 8, 9]]  # ragged: left padding everywhere
 
 
@@ -49,15 +58,15 @@ def test_greedy_equals_argmax_of_full_forward(model):
 
 @pytest.mark.parametrize("top_p", [1.0, 0.7])
 def test_sampled_logprobs_equal_full_forward(model, top_p):
-    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=7, temperature=0.9, top_p=top_p,
-                         num_samples=2)
+    cfg = SamplingConfig(
+        max_prompt_len=8, max_new_tokens=7, temperature=0.9, top_p=top_p, num_samples=2
+    )
     _, out = run(model, cfg, seed=3)
     logits = full_logits(*model, out)
     p = cfg.max_prompt_len
-    logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + cfg.max_new_tokens], -1)
+    logp = jax.nn.log_softmax(logits[:, p - 1 : p - 1 + cfg.max_new_tokens], -1)
     want = np.take_along_axis(np.asarray(logp), out["response"][..., None], -1)[..., 0]
-    np.testing.assert_allclose(out["logprobs"], np.where(out["response_mask"], want, 0),
-                               atol=2e-5)
+    np.testing.assert_allclose(out["logprobs"], np.where(out["response_mask"], want, 0), atol=2e-5)
 
 
 def test_num_samples_repeat_prompts_and_differ(model):
@@ -72,13 +81,16 @@ def test_stop_tokens_and_row_budgets(model):
     greedy = SamplingConfig(max_prompt_len=8, max_new_tokens=8, greedy=True)
     _, ref = run(model, greedy)
     stop_tok = int(ref["response"][0, 2])  # row 0 will stop on its third token
-    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=8, greedy=True, stop_tokens=(stop_tok,),
-                         pad_id=0)
+    cfg = SamplingConfig(
+        max_prompt_len=8, max_new_tokens=8, greedy=True, stop_tokens=(stop_tok,), pad_id=0
+    )
     _, out = run(model, cfg, max_new_B=jnp.asarray([8, 3, 8]))
     first = np.argmax(ref["response"][0] == stop_tok)
     assert out["length"][0] == first + 1 and out["stopped"][0]
-    assert not out["response_mask"][0, first + 1:].any()
-    assert (out["response"][0, first + 1:] == 0).all() and (out["logprobs"][0, first + 1:] == 0).all()
+    assert not out["response_mask"][0, first + 1 :].any()
+    assert (out["response"][0, first + 1 :] == 0).all() and (
+        out["logprobs"][0, first + 1 :] == 0
+    ).all()
     assert out["length"][1] <= 3  # its own budget
     for row in range(3):  # before stopping, identical to the unconstrained greedy run
         n = out["length"][row]
@@ -123,8 +135,13 @@ def test_matches_transformers_greedy_generate(tmp_path):
     _, graphdef, params = hf_io.load_hf(path)
     prompt = [[4, 8, 15, 16, 23, 42]]
     with torch.no_grad():
-        want = hf_model.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, 6:].numpy()
+        want = hf_model.generate(
+            torch.tensor(prompt),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, 6:].numpy()
     cfg = SamplingConfig(max_prompt_len=6, max_new_tokens=10, greedy=True)
     _, out = run((graphdef, params), cfg, prompts=prompt)
     np.testing.assert_array_equal(out["response"][0], want)

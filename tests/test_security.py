@@ -14,7 +14,9 @@ def calls_and_imports(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             f = node.func
-            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            name = (
+                f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            )
             yield "call", name, node
         elif isinstance(node, ast.Import | ast.ImportFrom):
             mods = [a.name for a in node.names]
@@ -34,12 +36,14 @@ def test_no_forbidden_calls(path):
     for kind, name, node in calls_and_imports(path):
         where = f"{rel}:{node.lineno}"
         if kind == "import":
-            assert name.split(".")[0] not in ("pickle", "cPickle", "dill", "marshal", "shelve"), \
+            assert name.split(".")[0] not in ("pickle", "cPickle", "dill", "marshal", "shelve"), (
                 f"{where}: pickle-like import {name}"
+            )
             continue
         builtin = isinstance(node.func, ast.Name)
-        assert not (builtin and name in ("eval", "exec", "compile", "__import__")), \
+        assert not (builtin and name in ("eval", "exec", "compile", "__import__")), (
             f"{where}: {name}() call"
+        )
         # Model output reaches sympy only inside math-verify's guarded worker process.
         if name in ("sympify", "parse_expr", "parse_latex"):
             assert rel == "jaxtrace/rewards/_worker.py", f"{where}: {name} outside the worker"
@@ -51,8 +55,14 @@ def test_no_forbidden_calls(path):
 
 def test_hf_export_writes_only_safetensors():
     src = (ROOT / "jaxtrace/models/hf.py").read_text()
-    assert "save_file" in src and "torch.save" not in src and ".bin" not in src.replace(
-        'holds only pickle weights (.bin/.pt)', "").replace('(".bin", ".pt", ".pth")', "")
+    assert (
+        "save_file" in src
+        and "torch.save" not in src
+        and ".bin"
+        not in src.replace("holds only pickle weights (.bin/.pt)", "").replace(
+            '(".bin", ".pt", ".pth")', ""
+        )
+    )
 
 
 def test_gcs_never_anonymous():
@@ -68,6 +78,9 @@ def test_api_key_only_from_env_and_not_logged():
     assert "os.environ" in src
     tree = ast.parse(src)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                node.func.attr in ("info", "warning", "error", "debug", "exception", "print"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("info", "warning", "error", "debug", "exception", "print")
+        ):
             assert "key" not in ast.unparse(node).lower() or "api_key_env" in ast.unparse(node)

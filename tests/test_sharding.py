@@ -9,11 +9,21 @@ from jax.sharding import PartitionSpec as P
 from jaxtrace import models, sharding
 from jaxtrace.models import ModelConfig
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=False,
+)
 
-needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS set by "
-                            "tests/conftest.py before jax starts)")
+needs8 = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs 8 devices (XLA_FLAGS set by tests/conftest.py before jax starts)",
+)
 
 
 @needs8
@@ -45,8 +55,9 @@ def test_params_sharded_as_rules_say():
     # Same values as an unsharded init with the same seed.
     _, ref = models.create(CFG, seed=0)
     # (jit fuses the init's scale, hence ulp-level differences.)
-    np.testing.assert_allclose(np.asarray(attn["q_proj"]),
-                               np.asarray(ref["layers"][0]["self_attn"]["q_proj"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(attn["q_proj"]), np.asarray(ref["layers"][0]["self_attn"]["q_proj"]), rtol=1e-6
+    )
 
 
 @needs8
@@ -57,8 +68,9 @@ def test_indivisible_dims_fall_back_to_replicated():
 
 
 @needs8
-@pytest.mark.parametrize("axes", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2},
-                                  {"fsdp": 4, "tensor": 2}])
+@pytest.mark.parametrize(
+    "axes", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4, "tensor": 2}]
+)
 def test_sharded_forward_equals_unsharded(axes):
     mesh = sharding.make_mesh(axes)
     graphdef, params = sharding.init_sharded(CFG, mesh, seed=3)

@@ -18,8 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def mini_config(workdir, algo="trace", steps=3):
     c = base()
     c.workdir = str(workdir)
-    c.model = model_dict("tiny", vocab_size=384, hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+    c.model = model_dict(
+        "tiny",
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+    )
     c.data.update(num_train=64, num_test=8, vocab_size=320)
     c.rollout.update(prompts_per_step=2, group_size=4, max_new_tokens=40)
     c.sft.update(steps=4, batch_size=8)
@@ -37,8 +45,18 @@ def test_trace_run_logs_diagnostics_and_resumes_exactly(tmp_path):
     lines = [json.loads(s) for s in open(tmp_path / "a" / "metrics.jsonl")]
     train_rows = [r for r in lines if "train/accuracy" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    for key in ("entropy", "response_length", "frac_grpo", "frac_fkl", "frac_rkl", "lambda",
-                "cum_exposure", "clip_frac", "zero_variance_group_frac", "kl_fkl_mean"):
+    for key in (
+        "entropy",
+        "response_length",
+        "frac_grpo",
+        "frac_fkl",
+        "frac_rkl",
+        "lambda",
+        "cum_exposure",
+        "clip_frac",
+        "zero_variance_group_frac",
+        "kl_fkl_mean",
+    ):
         assert f"train/{key}" in train_rows[0], key
     assert train_rows[0]["train/lambda"] == 1.0 and train_rows[-1]["train/lambda"] == 0.0
     assert os.path.exists(tmp_path / "a" / "config.json")
@@ -90,8 +108,14 @@ def test_bad_configs_fail_before_compute(tmp_path):
 
 def _cli(*args, timeout=300):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "jaxtrace.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxtrace.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_unknown_key_names_it():
@@ -101,7 +125,8 @@ def test_cli_unknown_key_names_it():
 
 
 def test_cli_bad_value_exits_2(tmp_path):
-    out = _cli("--config=configs/tiny.py", "--config.rollout.group_size=1",
-               f"--config.workdir={tmp_path}")
+    out = _cli(
+        "--config=configs/tiny.py", "--config.rollout.group_size=1", f"--config.workdir={tmp_path}"
+    )
     assert out.returncode == 2
     assert "group_size" in out.stderr

@@ -25,7 +25,8 @@ class OracleAnnotator(Annotator):
             if problem is None:
                 out.append(AnnotationResult((), r.kind, "missing", detail="unknown problem"))
                 continue
-            spans, dropped = clean_spans(arithmetic.critical_spans(r.response, problem, r.correct),
-                                         len(r.response))
+            spans, dropped = clean_spans(
+                arithmetic.critical_spans(r.response, problem, r.correct), len(r.response)
+            )
             out.append(AnnotationResult(tuple(spans), r.kind, "ok", dropped))
         return out

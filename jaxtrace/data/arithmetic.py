@@ -12,10 +12,25 @@ import dataclasses
 import random
 import re
 
-NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max",
-         "Ned", "Oli", "Pam")
-THINGS = ("apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cups",
-          "rocks")
+NAMES = (
+    "Ann",
+    "Ben",
+    "Cal",
+    "Dee",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hal",
+    "Ivy",
+    "Jo",
+    "Kim",
+    "Lu",
+    "Max",
+    "Ned",
+    "Oli",
+    "Pam",
+)
+THINGS = ("apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cups", "rocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +49,9 @@ def _step_text(rng: random.Random, name: str, op: str, b: int) -> str:
     return f"{name} {'doubles' if b == 2 else 'triples'} them."
 
 
-def make_problem(rng: random.Random, max_steps: int = 3, max_value: int = 99) -> Problem:
+def make_problem(
+    rng: random.Random, max_steps: int = 3, max_value: int = 60, max_operand: int = 9
+) -> Problem:
     """One problem; all intermediate values stay in [0, max_value]."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     value = rng.randint(2, 20)
@@ -45,10 +62,10 @@ def make_problem(rng: random.Random, max_steps: int = 3, max_value: int = 99) ->
         ops += ["*"] if 0 < value <= max_value // 2 else []
         op = rng.choice(ops)
         if op == "+":
-            b = rng.randint(1, min(20, max_value - value))
+            b = rng.randint(1, min(max_operand, max_value - value))
             result = value + b
         elif op == "-":
-            b = rng.randint(1, min(20, value))
+            b = rng.randint(1, min(max_operand, value))
             result = value - b
         else:
             b = rng.randint(2, min(3, max_value // value))

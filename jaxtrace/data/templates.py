@@ -24,11 +24,14 @@ def chat_prompt(question: str, system: str | None = None) -> str:
     return f"{sys}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def chat_privileged_prompt(question: str, reference: str, correct: bool | None,
-                           system: str | None = None) -> str:
+def chat_privileged_prompt(
+    question: str, reference: str, correct: bool | None, system: str | None = None
+) -> str:
     note = "" if correct is None else f"\n\n{DIAGNOSIS[correct]}"
-    user = (f"{question}\n\nA reference solution, for you only:\n{reference}{note}\n\n"
-            "Solve the problem.")
+    user = (
+        f"{question}\n\nA reference solution, for you only:\n{reference}{note}\n\n"
+        "Solve the problem."
+    )
     return chat_prompt(user, system)
 
 

@@ -56,21 +56,34 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         # Ids past the tokenizer's vocab (a model vocab padded for sharding) decode to nothing.
         specials = {self.pad_id, self.eos_id, self.bos_id}
-        return self.sp.decode([int(i) for i in ids
-                               if int(i) not in specials and 0 <= int(i) < self.vocab_size])
+        return self.sp.decode(
+            [int(i) for i in ids if int(i) not in specials and 0 <= int(i) < self.vocab_size]
+        )
 
 
-def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 256,
-                        model_type: str = "unigram") -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts: Iterable[str], model_prefix: str, vocab_size: int = 256, model_type: str = "unigram"
+) -> SentencePieceTokenizer:
     """Trains a small sentencepiece model (digits split, so numbers are spelled digit by digit)."""
     import sentencepiece as spm  # noqa: PLC0415
 
     os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, vocab_size=vocab_size,
-        model_type=model_type, split_digits=True, character_coverage=1.0, pad_id=0, unk_id=1,
-        bos_id=2, eos_id=3, hard_vocab_limit=False, num_threads=1, minloglevel=2,
-        user_defined_symbols=["####"])
+        sentence_iterator=iter(list(texts)),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        split_digits=True,
+        character_coverage=1.0,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+        user_defined_symbols=["####"],
+    )
     return SentencePieceTokenizer(model_prefix + ".model")
 
 

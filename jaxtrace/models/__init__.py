@@ -14,8 +14,19 @@ from jaxtrace.models.config import ModelConfig, from_hf_dict, preset, to_hf_dict
 from jaxtrace.models.qwen3 import Qwen3, causal_mask, init_cache, positions_from_valid
 
 __all__ = [
-    "ModelConfig", "Qwen3", "abstract_model", "apply", "causal_mask", "create", "forward_logits",
-    "from_hf_dict", "init_cache", "logical_axes", "positions_from_valid", "preset", "to_hf_dict",
+    "ModelConfig",
+    "Qwen3",
+    "abstract_model",
+    "apply",
+    "causal_mask",
+    "create",
+    "forward_logits",
+    "from_hf_dict",
+    "init_cache",
+    "logical_axes",
+    "positions_from_valid",
+    "preset",
+    "to_hf_dict",
 ]
 
 
@@ -38,8 +49,12 @@ def logical_axes(cfg: ModelConfig):
     model = nnx.eval_shape(lambda: Qwen3(cfg, nnx.Rngs(params=0)))
     state = nnx.state(model, nnx.Param)
     return nnx.to_pure_dict(
-        jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
-                     is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        jax.tree.map(
+            lambda v: v.get_metadata()["logical_axes"],
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
 
 
 def apply(graphdef, params, tokens_BxT, positions_BxT, mask_BxTxS, **kwargs):

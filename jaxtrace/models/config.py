@@ -54,23 +54,34 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_heads={self.num_heads} is not a multiple of "
-                f"num_kv_heads={self.num_kv_heads}")
+                f"num_kv_heads={self.num_kv_heads}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; use one of {list(_DTYPES)}")
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r}; use one of {list(_DTYPES)}"
+                )
         if self.family not in ("qwen3", "qwen3_moe", "qwen3_hybrid"):
             raise ValueError(f"ModelConfig.family={self.family!r} is not a known model family")
         if self.family == "qwen3_moe" and not (0 < self.num_experts_per_tok <= self.num_experts):
             raise ValueError(
                 f"ModelConfig: num_experts_per_tok={self.num_experts_per_tok} must be in "
-                f"[1, num_experts={self.num_experts}] for qwen3_moe")
+                f"[1, num_experts={self.num_experts}] for qwen3_moe"
+            )
 
     @property
     def compute_dtype(self):
@@ -84,13 +95,21 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def is_moe_layer(self, i: int) -> bool:
-        return (self.family == "qwen3_moe" and i not in self.mlp_only_layers
-                and (i + 1) % self.decoder_sparse_step == 0)
+        return (
+            self.family == "qwen3_moe"
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
 
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
-        d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
-                          self.num_kv_heads, self.head_dim)
+        d, f, h, k, dh = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         attn = d * dh * (h + 2 * k) + h * dh * d + 2 * dh
         total = 0
         for i in range(self.num_layers):
@@ -106,35 +125,82 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- presets
 def tiny(vocab_size: int = 512) -> ModelConfig:
     """A few-hundred-k-parameter Qwen3 for CPU tests and the embedded default."""
-    return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4,
-                       num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10_000.0,
-                       tie_word_embeddings=True, max_position_embeddings=1024)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    )
 
 
 def qwen3_0p6b() -> ModelConfig:
-    return ModelConfig(hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-                       num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+    return ModelConfig(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
 
 
 def qwen3_1p7b() -> ModelConfig:
-    return ModelConfig(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-                       num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+    return ModelConfig(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
 
 
 def qwen3_4b() -> ModelConfig:
-    return ModelConfig(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
-                       num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+    return ModelConfig(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
 
 
 def qwen3_8b() -> ModelConfig:
-    return ModelConfig(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
-                       num_kv_heads=8, head_dim=128, tie_word_embeddings=False)
+    return ModelConfig(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    )
 
 
 def qwen3_30b_a3b() -> ModelConfig:
-    return ModelConfig(hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
-                       num_kv_heads=4, head_dim=128, tie_word_embeddings=False, family="qwen3_moe",
-                       num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)
+    return ModelConfig(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+        family="qwen3_moe",
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+    )
 
 
 PRESETS = {
@@ -170,20 +236,29 @@ def from_hf_dict(hf: dict[str, Any], **overrides) -> ModelConfig:
         raise ValueError("config.json use_sliding_window=true is not supported")
     heads = hf["num_attention_heads"]
     kw = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=float(theta),
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(theta),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        max_position_embeddings=hf.get("max_position_embeddings", 40_960), family=model_type)
+        max_position_embeddings=hf.get("max_position_embeddings", 40_960),
+        family=model_type,
+    )
     if model_type == "qwen3_moe":
-        kw.update(num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-                  moe_intermediate_size=hf["moe_intermediate_size"],
-                  norm_topk_prob=hf.get("norm_topk_prob", True),
-                  decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-                  mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-                  router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+        kw.update(
+            num_experts=hf["num_experts"],
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            norm_topk_prob=hf.get("norm_topk_prob", True),
+            decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+            router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        )
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -193,22 +268,35 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.family not in _ARCH:
         raise ValueError(f"family {cfg.family!r} has no Hugging Face architecture to export to")
     hf = {
-        "architectures": [_ARCH[cfg.family]], "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "architectures": [_ARCH[cfg.family]],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings, "attention_bias": False,
-        "attention_dropout": 0.0, "use_sliding_window": False, "torch_dtype": cfg.param_dtype,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "torch_dtype": cfg.param_dtype,
         "dtype": cfg.param_dtype,
     }
     if cfg.family == "qwen3_moe":
-        hf.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-                  moe_intermediate_size=cfg.moe_intermediate_size,
-                  norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
-                  mlp_only_layers=list(cfg.mlp_only_layers),
-                  router_aux_loss_coef=cfg.router_aux_loss_coef)
+        hf.update(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers),
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+        )
     return hf

@@ -22,8 +22,15 @@ import numpy as np
 from jaxtrace.models import abstract_model
 from jaxtrace.models.config import ModelConfig, from_hf_dict, to_hf_dict
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "tokenizer.model",
+)
 
 # A mapping row: (HF name, params path, to_ours(hf_array) -> array, to_hf(array) -> hf_array).
 Row = tuple[str, tuple, Callable, Callable]
@@ -31,14 +38,12 @@ Row = tuple[str, tuple, Callable, Callable]
 
 def _linear(shape_ours):
     """HF nn.Linear weight [out, in] <-> ours [in, ...out dims]."""
-    return (lambda w: w.T.reshape(shape_ours),
-            lambda w: w.reshape(shape_ours[0], -1).T)
+    return (lambda w: w.T.reshape(shape_ours), lambda w: w.reshape(shape_ours[0], -1).T)
 
 
 def _linear_out(shape_ours):
     """HF o_proj [D, H*Dh] <-> ours [H, Dh, D]."""
-    return (lambda w: w.T.reshape(shape_ours),
-            lambda w: w.reshape(-1, shape_ours[-1]).T)
+    return (lambda w: w.T.reshape(shape_ours), lambda w: w.reshape(-1, shape_ours[-1]).T)
 
 
 _same = (lambda w: w, lambda w: w)
@@ -81,15 +86,22 @@ def _moe_mlp_rows(cfg: ModelConfig, i: int) -> list[Row]:
 
 def mapping(cfg: ModelConfig) -> list[Row]:
     """The full HF <-> params table for `cfg`."""
-    rows: list[Row] = [("model.embed_tokens.weight", ("embed_tokens",), *_same),
-                       ("model.norm.weight", ("norm", "weight"), *_same)]
+    rows: list[Row] = [
+        ("model.embed_tokens.weight", ("embed_tokens",), *_same),
+        ("model.norm.weight", ("norm", "weight"), *_same),
+    ]
     if not cfg.tie_word_embeddings:
         rows.append(("lm_head.weight", ("lm_head",), lambda w: w.T, lambda w: w.T))
     for i in range(cfg.num_layers):
         pre, path = f"model.layers.{i}.", ("layers", i)
-        rows += [(pre + "input_layernorm.weight", path + ("input_layernorm", "weight"), *_same),
-                 (pre + "post_attention_layernorm.weight",
-                  path + ("post_attention_layernorm", "weight"), *_same)]
+        rows += [
+            (pre + "input_layernorm.weight", path + ("input_layernorm", "weight"), *_same),
+            (
+                pre + "post_attention_layernorm.weight",
+                path + ("post_attention_layernorm", "weight"),
+                *_same,
+            ),
+        ]
         rows += _attention_rows(cfg, i)
         rows += _moe_mlp_rows(cfg, i) if cfg.is_moe_layer(i) else _dense_mlp_rows(cfg, i)
     return rows
@@ -110,8 +122,11 @@ def _set(tree, path, value):
 
 def _stacked_path(path):
     """MoE expert rows address (..., name, e): the params leaf is (..., name) stacked on axis 0."""
-    if len(path) >= 2 and isinstance(path[-1], int) and path[-2] in ("gate_proj", "up_proj",
-                                                                     "down_proj"):
+    if (
+        len(path) >= 2
+        and isinstance(path[-1], int)
+        and path[-2] in ("gate_proj", "up_proj", "down_proj")
+    ):
         return path[:-1], path[-1]
     return path, None
 
@@ -135,8 +150,10 @@ def _weight_files(hf_dir: str) -> list[str]:
     if os.path.exists(single):
         return [single]
     if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(hf_dir)):
-        raise ValueError(f"{hf_dir!r} holds only pickle weights (.bin/.pt); jaxtrace reads "
-                         "safetensors only — convert them with transformers first")
+        raise ValueError(
+            f"{hf_dir!r} holds only pickle weights (.bin/.pt); jaxtrace reads "
+            "safetensors only — convert them with transformers first"
+        )
     raise FileNotFoundError(f"no model.safetensors(.index.json) in {hf_dir!r}")
 
 
@@ -176,8 +193,10 @@ def load_params(cfg: ModelConfig, hf_dir: str, shardings=None):
                 continue
             value = jnp.stack([experts.pop(leaf_path)[e] for e in range(cfg.num_experts)])
         if value.shape != target.shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, which maps to "
-                             f"{value.shape} but the config expects {target.shape}")
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, which maps to "
+                f"{value.shape} but the config expects {target.shape}"
+            )
         value = value.astype(target.dtype)
         if shardings is not None:
             value = jax.device_put(value, _get(shardings, leaf_path))
@@ -198,8 +217,15 @@ def load_hf(hf_dir: str, shardings_fn=None, **config_overrides):
 
 
 # ---------------------------------------------------------------------------- writing
-def save_hf(cfg: ModelConfig, params, out_dir: str, *, tokenizer_dir: str | None = None,
-            max_shard_bytes: int = 5 * 2**30, dtype: str | None = None) -> str:
+def save_hf(
+    cfg: ModelConfig,
+    params,
+    out_dir: str,
+    *,
+    tokenizer_dir: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: str | None = None,
+) -> str:
     """Writes `params` as an HF folder (config.json + safetensors, sharded with an index when
     larger than `max_shard_bytes`), copying tokenizer files from `tokenizer_dir` if given."""
     from safetensors.numpy import save_file  # noqa: PLC0415

@@ -54,8 +54,9 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     b, t, h, d = q_BxTxHxD.shape
     kv = k_BxSxKxD.shape[2]
     q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32) * (
+        d**-0.5
+    )
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
@@ -64,8 +65,13 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, h, k, dh, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.weight_dtype)
+        d, h, k, dh, pd = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.weight_dtype,
+        )
         self.q_proj = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), pd)
         self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
@@ -87,8 +93,9 @@ class Attention(nnx.Module):
     def output(self, o_BxTxHxD):
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxD, self.o_proj[...].astype(self.dtype))
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: Cache | None = None,
-                 cache_index=None):
+    def __call__(
+        self, x_BxTxD, positions_BxT, mask_BxTxS, cache: Cache | None = None, cache_index=None
+    ):
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
         if cache is not None:
             start = (0, cache_index, 0, 0)
@@ -162,15 +169,23 @@ class Qwen3(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
-    def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
-                 return_aux: bool = False):
+    def __call__(
+        self,
+        tokens_BxT,
+        positions_BxT,
+        mask_BxTxS,
+        cache=None,
+        cache_index=None,
+        return_aux: bool = False,
+    ):
         x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
         new_cache, aux = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if self.cfg.remat and cache is None:
                 x, c, a = nnx.remat(lambda lyr, *args: lyr(*args))(
-                    layer, x, positions_BxT, mask_BxTxS)
+                    layer, x, positions_BxT, mask_BxTxS
+                )
             else:
                 x, c, a = layer(x, positions_BxT, mask_BxTxS, layer_cache, cache_index)
             new_cache.append(c)

@@ -34,11 +34,15 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_prompt_len < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig: max_prompt_len={self.max_prompt_len} and "
-                             f"max_new_tokens={self.max_new_tokens} must be >= 1")
+            raise ValueError(
+                f"SamplingConfig: max_prompt_len={self.max_prompt_len} and "
+                f"max_new_tokens={self.max_new_tokens} must be >= 1"
+            )
         if not self.greedy and self.temperature <= 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be > 0 "
-                             "(use greedy=True for argmax decoding)")
+            raise ValueError(
+                f"SamplingConfig.temperature={self.temperature} must be > 0 "
+                "(use greedy=True for argmax decoding)"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
         if self.num_samples < 1:
@@ -54,8 +58,8 @@ def left_pad(prompts: Sequence[Sequence[int]], max_len: int, pad_id: int = 0):
             raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_len}")
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
-        tokens[i, max_len - len(p):] = p
-        valid[i, max_len - len(p):] = True
+        tokens[i, max_len - len(p) :] = p
+        valid[i, max_len - len(p) :] = True
     return tokens, valid
 
 
@@ -83,8 +87,9 @@ def _choose(logits_BxV, rng, cfg: SamplingConfig):
     return token.astype(jnp.int32), logp
 
 
-def generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingConfig,
-             max_new_B=None):
+def generate(
+    graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingConfig, max_new_B=None
+):
     """Samples `cfg.num_samples` responses per prompt (rows repeat prompt-major: row i * n + j is
     sample j of prompt i). Jit with `graphdef` and `cfg` static.
 
@@ -96,13 +101,17 @@ def generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingC
     """
     n, p, new = cfg.num_samples, prompt_BxP.shape[1], cfg.max_new_tokens
     if prompt_BxP.shape[1] != cfg.max_prompt_len:
-        raise ValueError(f"prompt width {prompt_BxP.shape[1]} != max_prompt_len "
-                         f"{cfg.max_prompt_len}")
+        raise ValueError(
+            f"prompt width {prompt_BxP.shape[1]} != max_prompt_len {cfg.max_prompt_len}"
+        )
     prompt = jnp.repeat(prompt_BxP, n, axis=0)
     valid = jnp.repeat(prompt_valid_BxP, n, axis=0)
     r, s = prompt.shape[0], p + new
-    budget = jnp.full((r,), new, jnp.int32) if max_new_B is None else jnp.repeat(
-        jnp.minimum(max_new_B, new).astype(jnp.int32), n)
+    budget = (
+        jnp.full((r,), new, jnp.int32)
+        if max_new_B is None
+        else jnp.repeat(jnp.minimum(max_new_B, new).astype(jnp.int32), n)
+    )
     model = nnx.merge(graphdef, params)
     stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
 
@@ -128,8 +137,7 @@ def generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingC
         t, token, cache, response, logprobs, done, mask, rng = carry
         slot = p + t - 1  # the slot of the last sampled token, fed back in
         step_mask = kv_valid[:, None, :] & (slots[None, None, :] <= slot)
-        hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], step_mask, cache,
-                              slot)
+        hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], step_mask, cache, slot)
         rng, step_rng = jax.random.split(rng)
         nxt, lp = _choose(model.logits(hidden)[:, 0], step_rng, cfg)
         live = ~done
@@ -147,8 +155,15 @@ def generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingC
     length = mask.sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(response, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
     stopped = (length > 0) & jnp.isin(last, stop)
-    return {"prompt": prompt, "prompt_valid": valid, "response": response,
-            "response_mask": mask, "logprobs": logprobs, "length": length, "stopped": stopped}
+    return {
+        "prompt": prompt,
+        "prompt_valid": valid,
+        "response": response,
+        "response_mask": mask,
+        "logprobs": logprobs,
+        "length": length,
+        "stopped": stopped,
+    }
 
 
 def make_generate(graphdef, cfg: SamplingConfig):
