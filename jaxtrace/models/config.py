@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass for the Qwen3 family, presets, HF config.json mapping."""
+"""Model configuration: one frozen dataclass for the Qwen3 family, presets, config.json mapping."""
 
 from __future__ import annotations
 
