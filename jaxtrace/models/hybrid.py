@@ -46,8 +46,14 @@ from pallas_kernels.linear_attention import (
 f32 = jnp.float32
 GATES = ("key", "none")
 
-__all__ = ["HybridAttention", "HybridState", "attend", "init_hybrid_cache", "linearize",
-           "prefill_state"]
+__all__ = [
+    "HybridAttention",
+    "HybridState",
+    "attend",
+    "init_hybrid_cache",
+    "linearize",
+    "prefill_state",
+]
 
 
 # ---------------------------------------------------------------------------- config
@@ -62,14 +68,19 @@ def check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"ModelConfig.hybrid_gate={cfg.hybrid_gate!r}; use one of {GATES}")
     if not cfg.hybrid_gate_normalizer > 0:
         raise ValueError(
-            f"ModelConfig.hybrid_gate_normalizer={cfg.hybrid_gate_normalizer} must be > 0")
+            f"ModelConfig.hybrid_gate_normalizer={cfg.hybrid_gate_normalizer} must be > 0"
+        )
     if cfg.hybrid_implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"ModelConfig.hybrid_implementation={cfg.hybrid_implementation!r}; "
-                         f"use one of {IMPLEMENTATIONS}")
+        raise ValueError(
+            f"ModelConfig.hybrid_implementation={cfg.hybrid_implementation!r}; "
+            f"use one of {IMPLEMENTATIONS}"
+        )
     bad = [i for i in cfg.hybrid_layers if not 0 <= i < cfg.num_layers]
     if bad:
-        raise ValueError(f"ModelConfig.hybrid_layers={cfg.hybrid_layers}: layers {bad} are not "
-                         f"in [0, num_layers={cfg.num_layers})")
+        raise ValueError(
+            f"ModelConfig.hybrid_layers={cfg.hybrid_layers}: layers {bad} are not "
+            f"in [0, num_layers={cfg.num_layers})"
+        )
 
 
 def linearize(cfg: ModelConfig, layers=None, **hybrid_overrides) -> ModelConfig:
@@ -79,13 +90,18 @@ def linearize(cfg: ModelConfig, layers=None, **hybrid_overrides) -> ModelConfig:
     hybrid_window=512)`. The params of `cfg` load into the result unchanged.
     """
     if cfg.family == "qwen3_moe":
-        raise ValueError("linearize: family='qwen3_moe' is not supported (the hybrid family "
-                         "uses dense MLPs)")
-    unknown = [k for k in hybrid_overrides
-               if not k.startswith("hybrid_") or k == "hybrid_layers" or not hasattr(cfg, k)]
+        raise ValueError(
+            "linearize: family='qwen3_moe' is not supported (the hybrid family uses dense MLPs)"
+        )
+    unknown = [
+        k
+        for k in hybrid_overrides
+        if not k.startswith("hybrid_") or k == "hybrid_layers" or not hasattr(cfg, k)
+    ]
     if unknown:
-        raise ValueError(f"linearize: unknown hybrid fields {unknown} (pass layers= for the "
-                         "layer list)")
+        raise ValueError(
+            f"linearize: unknown hybrid fields {unknown} (pass layers= for the layer list)"
+        )
     layers = range(cfg.num_layers) if layers is None else layers
     layers = tuple(sorted({int(i) for i in layers}))
     out = cfg.replace(family="qwen3_hybrid", hybrid_layers=layers, **hybrid_overrides)
@@ -103,8 +119,16 @@ def init_hybrid_cache(cfg: ModelConfig, batch: int, dtype=None) -> HybridState:
     k_win / v_win [B, w, K, Dh], k_lin_win [B, w, K, Dk], age_win [B, w, H] f32,
     linear_state [B, H, Dk, Dh] f32, length [B] int32."""
     dtype = dtype or cfg.compute_dtype
-    return init_hybrid_state(batch, cfg.hybrid_window, cfg.num_heads, cfg.num_kv_heads,
-                             cfg.head_dim, _lin_dim(cfg), cfg.head_dim, dtype)
+    return init_hybrid_state(
+        batch,
+        cfg.hybrid_window,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        _lin_dim(cfg),
+        cfg.head_dim,
+        dtype,
+    )
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -117,8 +141,7 @@ def _time_gather(x, idx_BxT):
 def _zero_pads(x, valid_BxT):
     if x is None:
         return None
-    return jnp.where(valid_BxT.reshape(valid_BxT.shape + (1,) * (x.ndim - 2)), x, 0).astype(
-        x.dtype)
+    return jnp.where(valid_BxT.reshape(valid_BxT.shape + (1,) * (x.ndim - 2)), x, 0).astype(x.dtype)
 
 
 def _compact(valid_BxT, *xs):
@@ -129,8 +152,22 @@ def _compact(valid_BxT, *xs):
     return inv, [None if x is None else _time_gather(_zero_pads(x, valid_BxT), perm) for x in xs]
 
 
-def attend(q, k, v, q_lin, k_lin, log_g, valid_BxT, *, window, alpha, beta,
-           chunk_size=64, implementation="xla", return_compacted=False):
+def attend(
+    q,
+    k,
+    v,
+    q_lin,
+    k_lin,
+    log_g,
+    valid_BxT,
+    *,
+    window,
+    alpha,
+    beta,
+    chunk_size=64,
+    implementation="xla",
+    return_compacted=False,
+):
     """Hybrid attention of a (possibly padded) sequence.
 
     q [B, T, H, D], k / v [B, T, K, D], q_lin [B, T, H, Dk], k_lin [B, T, K, Dk] (feature-mapped),
@@ -138,9 +175,20 @@ def attend(q, k, v, q_lin, k_lin, log_g, valid_BxT, *, window, alpha, beta,
     `return_compacted` also the compacted (k, v, k_lin, log_g) that `prefill_state` takes.
     """
     inv, (qc, kc, vc, qlc, klc, gc) = _compact(valid_BxT, q, k, v, q_lin, k_lin, log_g)
-    o = hybrid_attention(qc, kc, vc, qlc, klc, gc, window=window, alpha=alpha, beta=beta,
-                         chunk_size=chunk_size, block_size=chunk_size,
-                         implementation=implementation)
+    o = hybrid_attention(
+        qc,
+        kc,
+        vc,
+        qlc,
+        klc,
+        gc,
+        window=window,
+        alpha=alpha,
+        beta=beta,
+        chunk_size=chunk_size,
+        block_size=chunk_size,
+        implementation=implementation,
+    )
     o = _zero_pads(_time_gather(o, inv), valid_BxT)
     if return_compacted:
         return o, (kc, vc, klc, gc)
@@ -166,8 +214,12 @@ def prefill_state(k, v, k_lin, log_g, length_B, window, like: HybridState) -> Hy
     # decayed to the last token (log_g <= 0, so the exponent is <= 0 and nothing overflows).
     far_BxT = jnp.arange(t)[None] <= (length - 1 - window)[:, None]
     w_BxTxH = jnp.where(far_BxT[..., None], jnp.exp(jnp.minimum(last - cum, 0.0)), 0.0)
-    lin = jnp.einsum("btkg,btkd,btkv->bkgdv", w_BxTxH.reshape(b, t, kv, h // kv),
-                     k_lin.astype(f32), v.astype(f32))
+    lin = jnp.einsum(
+        "btkg,btkd,btkv->bkgdv",
+        w_BxTxH.reshape(b, t, kv, h // kv),
+        k_lin.astype(f32),
+        v.astype(f32),
+    )
     lin = lin.reshape(b, h, *lin.shape[-2:])
     last_B1 = (length - 1)[:, None]
     pos_BxW = last_B1 - jnp.mod(last_B1 - jnp.arange(window)[None], window)
@@ -175,8 +227,14 @@ def prefill_state(k, v, k_lin, log_g, length_B, window, like: HybridState) -> Hy
     idx = jnp.maximum(pos_BxW, 0)
     take = lambda x, dt: _zero_pads(_time_gather(x, idx), filled).astype(dt)
     age = _zero_pads(last - _time_gather(cum, idx), filled)
-    return HybridState(take(k, like.k_win.dtype), take(v, like.v_win.dtype),
-                       take(k_lin, like.k_lin_win.dtype), age, lin, length)
+    return HybridState(
+        take(k, like.k_win.dtype),
+        take(v, like.v_win.dtype),
+        take(k_lin, like.k_lin_win.dtype),
+        age,
+        lin,
+        length,
+    )
 
 
 # ---------------------------------------------------------------------------- the layer
@@ -210,39 +268,65 @@ class HybridAttention(Attention):
         phi = feature_maps.get(self.feature_map)
         return q, k, v, phi(q), phi(k), log_g
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: HybridState | None = None,
-                 cache_index=None):
+    def __call__(
+        self, x_BxTxD, positions_BxT, mask_BxTxS, cache: HybridState | None = None, cache_index=None
+    ):
         b, t = x_BxTxD.shape[:2]
         if mask_BxTxS.ndim != 3 or mask_BxTxS.shape[:2] != (b, t):
-            raise ValueError(f"HybridAttention: mask must be [B={b}, T={t}, S], got shape "
-                             f"{mask_BxTxS.shape}")
+            raise ValueError(
+                f"HybridAttention: mask must be [B={b}, T={t}, S], got shape {mask_BxTxS.shape}"
+            )
         q, k, v, q_lin, k_lin, log_g = self.project(x_BxTxD, positions_BxT)
         if cache is not None and t == 1:
             return self._decode(q, k, v, q_lin, k_lin, log_g, mask_BxTxS, cache, cache_index)
         if cache is not None and isinstance(cache_index, int) and cache_index != 0:
-            raise ValueError(f"HybridAttention: a cached call with T={t} > 1 is a prefill and "
-                             f"needs cache_index=0, got {cache_index}")
+            raise ValueError(
+                f"HybridAttention: a cached call with T={t} > 1 is a prefill and "
+                f"needs cache_index=0, got {cache_index}"
+            )
         if mask_BxTxS.shape[2] < t:
-            raise ValueError(f"HybridAttention: mask {mask_BxTxS.shape} has fewer than T={t} "
-                             "key columns")
+            raise ValueError(
+                f"HybridAttention: mask {mask_BxTxS.shape} has fewer than T={t} key columns"
+            )
         valid_BxT = jnp.any(mask_BxTxS[:, :, :t], axis=1)
-        o, compacted = attend(q, k, v, q_lin, k_lin, log_g, valid_BxT, window=self.window,
-                              alpha=self.alpha, beta=self.beta, chunk_size=self.chunk,
-                              implementation=self.implementation, return_compacted=True)
+        o, compacted = attend(
+            q,
+            k,
+            v,
+            q_lin,
+            k_lin,
+            log_g,
+            valid_BxT,
+            window=self.window,
+            alpha=self.alpha,
+            beta=self.beta,
+            chunk_size=self.chunk,
+            implementation=self.implementation,
+            return_compacted=True,
+        )
         if cache is not None:
             cache = prefill_state(*compacted, valid_BxT.sum(axis=1), self.window, cache)
         return self.output(o), cache
 
     def _decode(self, q, k, v, q_lin, k_lin, log_g, mask_Bx1xS, state, cache_index):
         o, new = hybrid_attention_step(
-            q[:, 0], k[:, 0], v[:, 0], q_lin[:, 0], k_lin[:, 0],
-            None if log_g is None else log_g[:, 0], state, alpha=self.alpha, beta=self.beta)
+            q[:, 0],
+            k[:, 0],
+            v[:, 0],
+            q_lin[:, 0],
+            k_lin[:, 0],
+            None if log_g is None else log_g[:, 0],
+            state,
+            alpha=self.alpha,
+            beta=self.beta,
+        )
         # A pad fed at decode time (its own slot masked out) leaves the state untouched.
         if cache_index is None:
             ok_B = jnp.ones(q.shape[:1], bool)
         else:
-            ok_B = jax.lax.dynamic_index_in_dim(mask_Bx1xS[:, 0], cache_index, axis=1,
-                                                keepdims=False)
+            ok_B = jax.lax.dynamic_index_in_dim(
+                mask_Bx1xS[:, 0], cache_index, axis=1, keepdims=False
+            )
         keep = lambda n, s: jnp.where(ok_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, s)
         new = jax.tree.map(keep, new, state)
         o = jnp.where(ok_B[:, None, None], o, 0).astype(o.dtype)
