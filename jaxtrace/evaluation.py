@@ -8,6 +8,17 @@ import numpy as np
 from jaxtrace.rollout import SamplingConfig, make_generate
 
 
+_GENERATORS: dict = {}
+
+
+def _generator(graphdef, cfg):
+    """One jitted sampler per (model graph, sampling config): evaluating twice compiles once."""
+    key = (graphdef, cfg)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = make_generate(graphdef, cfg)
+    return _GENERATORS[key]
+
+
 def evaluate(
     graphdef,
     params,
@@ -44,7 +55,7 @@ def evaluate(
         stop_tokens=(tokenizer.eos_id,),
         pad_id=tokenizer.pad_id,
     )
-    generate = make_generate(graphdef, cfg)
+    generate = _generator(graphdef, cfg)
     batch_size = max(1, min(batch_size, len(examples)))
     correct = np.zeros((len(examples), k), np.float32)
     lengths = []
