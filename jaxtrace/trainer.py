@@ -95,15 +95,12 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
 def init_params(config, model_cfg, mesh):
     shardings = sharding.param_shardings(model_cfg, mesh)
     if config.init_from.startswith("hf:"):
+        # The run's model config is the truth (dtype, remat, hybrid layers...); the HF weights
+        # must fit its shapes, and a mismatch is an error naming the tensor.
         from jaxtrace.models import hf  # noqa: PLC0415
 
-        _, graphdef, params = hf.load_hf(
-            config.init_from[3:],
-            lambda _: shardings,
-            dtype=model_cfg.dtype,
-            param_dtype=model_cfg.param_dtype,
-        )
-        return graphdef, params
+        graphdef, _ = abstract_model(model_cfg)
+        return graphdef, hf.load_params(model_cfg, config.init_from[3:], shardings)
     if config.init_from.startswith("ckpt:"):
         graphdef, abstract = abstract_model(model_cfg)
         abstract = jax.tree.map(

@@ -74,3 +74,19 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     b = np.asarray(forward_logits(g16, p16, ids))
     assert b.dtype == np.float32  # logits are accumulated in float32
     np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max())
+
+
+def test_hybrid_model_exports_as_dense_qwen3(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    from jaxtrace import models
+    from jaxtrace.models.hybrid import linearize
+
+    model, hf_dir = tiny_qwen3(tmp_path)
+    dense_cfg, _, params = hf_io.load_hf(hf_dir)
+    cfg = linearize(dense_cfg, layers=(0,))
+    out = hf_io.save_hf(cfg, params, str(tmp_path / "hybrid_export"))
+    reloaded = Qwen3ForCausalLM.from_pretrained(out).eval().float()
+    ids = np.random.default_rng(3).integers(0, 97, (1, 6))
+    np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(model, ids), atol=1e-6)
+    assert models.to_hf_dict(cfg)["model_type"] == "qwen3"

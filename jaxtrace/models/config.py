@@ -265,6 +265,10 @@ def from_hf_dict(hf: dict[str, Any], **overrides) -> ModelConfig:
 
 def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     """The `config.json` dict that `transformers` loads for this model."""
+    if cfg.family == "qwen3_hybrid":
+        # Hybrid layers reuse the dense attention weights unchanged: export as plain Qwen3
+        # (transformers then runs full softmax attention in every layer).
+        cfg = cfg.replace(family="qwen3", hybrid_layers=())
     if cfg.family not in _ARCH:
         raise ValueError(f"family {cfg.family!r} has no Hugging Face architecture to export to")
     hf = {
