@@ -26,7 +26,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
     args = ap.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
