@@ -40,6 +40,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    moe_implementation: str = ""  # moe_dispatch.IMPLEMENTATIONS; "" = best available
+    moe_capacity_factor: float = 0.0  # 0 = dropless; else per-expert capacity factor
+    moe_global_lbl: bool = False  # balance each layer over the global batch (models.moe)
     # Linear / hybrid attention (family == "qwen3_hybrid").
     hybrid_layers: tuple[int, ...] = ()
     hybrid_window: int = 64
@@ -81,6 +84,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: num_experts_per_tok={self.num_experts_per_tok} must be in "
                 f"[1, num_experts={self.num_experts}] for qwen3_moe"
+            )
+        if self.moe_capacity_factor < 0:
+            raise ValueError(
+                f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be >= 0 "
+                "(0 = dropless)"
             )
 
     @property
@@ -251,10 +259,11 @@ def from_hf_dict(hf: dict[str, Any], **overrides) -> ModelConfig:
     )
     if model_type == "qwen3_moe":
         kw.update(
-            num_experts=hf["num_experts"],
+            # transformers >= 5 writes num_local_experts; older configs num_experts.
+            num_experts=hf.get("num_experts", hf.get("num_local_experts")),
             num_experts_per_tok=hf["num_experts_per_tok"],
             moe_intermediate_size=hf["moe_intermediate_size"],
-            norm_topk_prob=hf.get("norm_topk_prob", True),
+            norm_topk_prob=hf.get("norm_topk_prob", False),  # Qwen3MoeConfig's default
             decoder_sparse_step=hf.get("decoder_sparse_step", 1),
             mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
             router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),

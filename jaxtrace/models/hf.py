@@ -191,7 +191,8 @@ def load_params(cfg: ModelConfig, hf_dir: str, shardings=None):
             experts.setdefault(leaf_path, {})[expert] = value
             if len(experts[leaf_path]) < cfg.num_experts:
                 continue
-            value = jnp.stack([experts.pop(leaf_path)[e] for e in range(cfg.num_experts)])
+            stacked = experts.pop(leaf_path)
+            value = jnp.stack([stacked[e] for e in range(cfg.num_experts)])
         if value.shape != target.shape:
             raise ValueError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, which maps to "
