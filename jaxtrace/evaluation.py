@@ -7,7 +7,6 @@ import numpy as np
 
 from jaxtrace.rollout import SamplingConfig, make_generate
 
-
 _GENERATORS: dict = {}
 
 
