@@ -18,8 +18,9 @@ def get_config(arg=None):
     c.workdir = "runs/tiny"
     c.model = base_config.model_dict("tiny", vocab_size=384)
     c.data.vocab_size = 320
-    c.sft.steps = 300
-    c.sft.batch_size = 64
+    c.sft.update(steps=400, batch_size=64, lr=1e-3, privileged_fraction=0.25)
+    c.rollout.prompts_per_step = 16
+    c.optim.lr = 5e-5
     c.train.steps = 60
     variant = arg or "trace"
     if variant == "trace_rkl":

@@ -50,7 +50,7 @@ def _step_text(rng: random.Random, name: str, op: str, b: int) -> str:
 
 
 def make_problem(
-    rng: random.Random, max_steps: int = 3, max_value: int = 60, max_operand: int = 9
+    rng: random.Random, max_steps: int = 2, max_value: int = 60, max_operand: int = 9
 ) -> Problem:
     """One problem; all intermediate values stay in [0, max_value]."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
