@@ -6,6 +6,8 @@ teacher prompts. Everything here is numpy on the host; the device work is in `st
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from jaxtrace.annotate import AnnotationRequest, char_spans_to_token_mask, divergence_mask
@@ -13,6 +15,8 @@ from jaxtrace.data import templates
 from jaxtrace.losses import grpo as grpo_lib
 from jaxtrace.losses import trace as trace_lib
 from jaxtrace.rollout import left_pad
+
+log = logging.getLogger("jaxtrace")
 
 
 class PromptEncoder:
@@ -64,24 +68,53 @@ def decode_responses(tokenizer, response, mask):
 
 
 def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_tokens):
-    """Character spans from the annotator -> key / error token masks [R, N]."""
+    """Character spans from the annotator -> key / error token masks [R, N], and counts.
+
+    Annotator output is untrusted: an annotator that raises, returns the wrong number of
+    results, or a result without usable spans costs those rows their spans (GRPO only), never
+    the run. Returns (key, err, counts) with counts {"dropped_spans", "failed", "timeouts"}.
+    """
     requests = [
         AnnotationRequest(e.question, e.reference, t, bool(c))
         for e, t, c in zip(examples, texts, correct)
     ]
-    results = annotator.annotate(requests)
     key = np.zeros((len(texts), num_tokens), bool)
     err = np.zeros_like(key)
-    dropped = 0
+    counts = {"dropped_spans": 0, "failed": 0, "timeouts": 0}
+    try:
+        results = list(annotator.annotate(requests))
+    except Exception as e:  # noqa: BLE001 (a broken annotator must not end a long run)
+        log.warning("annotator raised %s: %s; this step has no spans", type(e).__name__, e)
+        results = []
+    if len(results) != len(requests):
+        counts["failed"] = len(requests)
+        return key, err, counts
     for i, (res, row_ids, text) in enumerate(zip(results, ids, texts)):
-        if not res.spans:
+        status = getattr(res, "status", "failed")
+        counts["failed"] += status in ("failed", "missing")
+        counts["timeouts"] += status == "timeout"
+        spans = getattr(res, "spans", None)
+        if not spans:
             continue
+        # int [T, 2] even for an empty response (np.asarray([]) would be float and rejected)
+        offsets = np.asarray(tokenizer.offsets(row_ids), np.int64).reshape(-1, 2)
         mask, n_bad = char_spans_to_token_mask(
-            res.spans, tokenizer.offsets(row_ids), num_tokens, text=text, return_dropped=True
+            spans, offsets, num_tokens, text=text, return_dropped=True
         )
-        dropped += n_bad
+        counts["dropped_spans"] += n_bad
         (key if correct[i] else err)[i] = mask
-    return key, err, dropped
+    return key, err, counts
+
+
+def score_rewards(verifier, texts, golds):
+    """Rewards float32 [R] and verifier counts. A verifier call that raises scores the whole
+    batch 0 and is counted ("error"), so a crashed checker costs one step, not the run."""
+    try:
+        rewards, stats = verifier.score(texts, golds)
+    except Exception as e:  # noqa: BLE001
+        log.warning("verifier raised %s: %s; rewards of this step are 0", type(e).__name__, e)
+        return np.zeros(len(texts), np.float32), {"error": len(texts), "raised": 1}
+    return np.asarray(rewards, np.float32), dict(stats)
 
 
 def build_batch(
@@ -146,10 +179,10 @@ def build_batch(
             key, err = picked & correct[:, None], picked & ~correct[:, None]
         elif algo.annotator != "none":
             ids, texts = decode_responses(tokenizer, rollout["response"], mask)
-            key, err, dropped = annotate_masks(
+            key, err, counts = annotate_masks(
                 annotator, tokenizer, examples, ids, texts, correct, mask.shape[1]
             )
-            metrics["annotator_dropped_spans"] = dropped
+            metrics.update({f"annotator_{k}": v for k, v in counts.items()})
     route = np.asarray(
         trace_lib.token_routes(
             mask,

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxtrace.losses import trace as trace_lib
 from jaxtrace.models import causal_mask, positions_from_valid
+from jaxtrace.models.moe import router_aux_loss
 from pallas_kernels import span_kl as span_kl_op
 
 
@@ -51,13 +52,27 @@ def make_optimizer(
     )
 
 
-def response_hidden(model, prompt, prompt_valid, response, response_mask):
-    """Hidden states [R, N, D] at the positions that predict each response token."""
+def response_hidden(model, prompt, prompt_valid, response, response_mask, return_aux=False):
+    """Hidden states [R, N, D] at the positions that predict each response token (with
+    `return_aux`: also the per-layer MoE router aux and the [R, P + N] token mask)."""
     p, n = prompt.shape[1], response.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)
     valid = jnp.concatenate([prompt_valid, response_mask], axis=1)
-    hidden, _ = model(tokens, positions_from_valid(valid), causal_mask(valid))
-    return hidden[:, p - 1 : p - 1 + n]
+    out = model(tokens, positions_from_valid(valid), causal_mask(valid), return_aux=return_aux)
+    hidden = out[0][:, p - 1 : p - 1 + n]
+    return (hidden, out[2], valid) if return_aux else hidden
+
+
+# ---------------------------------------------------------------------------- MoE balancing
+def student_hidden(model, batch):
+    """`response_hidden` of the student, plus the MoE router load-balancing term
+    (`router_aux_loss_coef` * loss, 0 for dense models) and its `moe/*` metrics."""
+    args = (batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"])
+    if model.cfg.family != "qwen3_moe":
+        return response_hidden(model, *args), jnp.float32(0.0), {}
+    h, aux, valid = response_hidden(model, *args, return_aux=True)
+    lbl, metrics = router_aux_loss(model.cfg, aux, valid)
+    return h, model.cfg.router_aux_loss_coef * lbl, metrics
 
 
 def _token_logprobs(model, h_RxNxD, response, impl):
@@ -94,11 +109,9 @@ def _apply_if_finite(optimizer, state, grads, loss):
 
 def sft_loss(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
-    h = response_hidden(
-        model, batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
-    )
+    h, moe_loss, _ = student_hidden(model, batch)
     logp, _ = _token_logprobs(model, h, batch["response"], None)
-    return -_masked_mean(logp, batch["response_mask"])
+    return -_masked_mean(logp, batch["response_mask"]) + moe_loss
 
 
 def make_sft_step(graphdef, optimizer):
@@ -137,9 +150,7 @@ def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
 
 def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
     model = nnx.merge(graphdef, params)
-    h = response_hidden(
-        model, batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
-    )
+    h, moe_loss, moe_metrics = student_hidden(model, batch)
     logp, entropy = _token_logprobs(model, h, batch["response"], cfg.kl_implementation)
     route = trace_lib.routes_for_mode(batch["route"], cfg.mode, opsd_route=cfg.opsd_route)
     if use_teacher:
@@ -163,7 +174,8 @@ def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
         opsd_route=cfg.opsd_route,
     )
     metrics["entropy"] = _masked_mean(entropy, batch["response_mask"])
-    return loss, metrics
+    metrics.update(moe_metrics)
+    return loss + moe_loss, metrics
 
 
 def make_rl_step(graphdef, optimizer, cfg: LossConfig):

@@ -80,7 +80,10 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 (flags and config_flags raise many types)
-        msg = str(e).strip().strip('"').strip("'") or type(e).__name__
+        msg = str(e).strip()
+        while len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":  # KeyError quotes twice
+            msg = msg[1:-1]
+        msg = msg or type(e).__name__
         if isinstance(e, AttributeError | KeyError):
             bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and msg in a]
             msg = f"unknown config key {bad[0][len('--config.') :]!r}" if bad else msg

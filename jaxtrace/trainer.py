@@ -42,10 +42,13 @@ def setup_tokenizer(config, train_examples):
     if config.data.tokenizer:
         return tok_lib.load(config.data.tokenizer)
     remote = paths.join(config.workdir, "tokenizer.model")
+    # Several processes share one workdir: each trains the same model into a private file (the
+    # text and trainer are deterministic) and process 0 alone publishes it, atomically.
+    private = paths.is_remote(remote) or jax.process_count() > 1
     local = (
-        remote
-        if not paths.is_remote(remote)
-        else os.path.join(tempfile.mkdtemp(prefix="jaxtrace_tok"), "tokenizer.model")
+        os.path.join(tempfile.mkdtemp(prefix="jaxtrace_tok"), "tokenizer.model")
+        if private
+        else remote
     )
     if paths.exists(remote):
         if local != remote:
@@ -60,8 +63,11 @@ def setup_tokenizer(config, train_examples):
         texts, local[: -len(".model")], config.data.vocab_size, model_type="bpe"
     )
     if local != remote and jax.process_index() == 0:
-        with open(local, "rb") as src, paths.open_path(remote, "wb") as dst:
+        target = remote if paths.is_remote(remote) else remote + ".partial"
+        with open(local, "rb") as src, paths.open_path(target, "wb") as dst:
             dst.write(src.read())
+        if target != remote:
+            os.replace(target, remote)  # a process starting later never reads half a file
     return tok
 
 
@@ -341,7 +347,7 @@ def run(config) -> dict:
             texts = [
                 tokenizer.decode(row[m]) for row, m in zip(out["response"], out["response_mask"])
             ]
-            rewards, vstats = verifier.score(texts, [e.answer for e in examples])
+            rewards, vstats = rl.score_rewards(verifier, texts, [e.answer for e in examples])
             batch, host_m, use_teacher = rl.build_batch(
                 out,
                 examples,
@@ -362,6 +368,8 @@ def run(config) -> dict:
                 host["consecutive_nonfinite"] += 1
                 host["skipped_steps"] += 1
                 if host["consecutive_nonfinite"] >= config.train.max_consecutive_nonfinite:
+                    ckpt.close()  # an in-flight async save commits before the run ends
+                    verifier.close()
                     raise NonFiniteError(
                         f"{host['consecutive_nonfinite']} consecutive steps with a non-finite "
                         f"loss or gradient (last at step {step}); params were left unchanged"
@@ -378,6 +386,7 @@ def run(config) -> dict:
                 skipped_steps=host["skipped_steps"],
                 step_time_s=step_times[-1],
                 verifier_timeouts=vstats.get("timeout", 0),
+                verifier_errors=vstats.get("error", 0),
             )
             done = step + 1
             if done % config.train.log_every == 0 or done == config.train.steps:
