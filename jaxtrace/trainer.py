@@ -88,7 +88,7 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
     rows = config.rollout.prompts_per_step * config.rollout.group_size
     dp = jax.device_count()
     mesh_dp = 1
-    for axis in ("data", "fsdp"):
+    for axis in ("data", "fsdp", "expert"):
         size = config.mesh.get(axis, 1)
         mesh_dp *= dp if size == -1 else size
     if rows % max(mesh_dp, 1):
