@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.sft.update(steps=400, batch_size=64, lr=1e-3, privileged_fraction=0.25)
     c.rollout.prompts_per_step = 16
     c.optim.lr = 5e-5
-    c.train.steps = 60
+    c.train.steps = 80
     variant = arg or "trace"
     if variant == "trace_rkl":
         c.algo.fkl_on_key_spans, c.algo.rkl_on_error_spans = False, True
