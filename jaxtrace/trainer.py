@@ -177,6 +177,7 @@ def warm_start(config, graphdef, params, encoder, train, mesh, writer):
         s.lr, s.warmup_steps, config.optim.grad_clip, 0.0, config.optim.b1, config.optim.b2
     )
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0)}
+    state = place_state(state, mesh)
     step_fn = steps.make_sft_step(graphdef, opt)
     batches = sft_batches(
         train,
@@ -198,6 +199,19 @@ def warm_start(config, graphdef, params, encoder, train, mesh, writer):
     ckpt.save(s.steps, {"params": state["params"]}, {"sft_steps": s.steps}, force=True)
     ckpt.close()
     return state["params"]
+
+
+def place_state(state, mesh):
+    """Replicates on the mesh every leaf not already placed there (optimizer counters, the step),
+    so jit sees one device set."""
+    rep = sharding.replicated(mesh)
+
+    def put(x):
+        if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):
+            return x
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(put, state)
 
 
 def prompt_indices(step: int, n: int, num_examples: int, seed: int) -> np.ndarray:
@@ -282,6 +296,7 @@ def run(config) -> dict:
         results["before"] = run_eval(params, "before RL")
         log.info("held-out accuracy before RL: %s", results["before"])
         state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+        state = place_state(state, mesh)
         host = {
             "cum_exposure": 0.0,
             "consecutive_nonfinite": 0,
@@ -290,7 +305,7 @@ def run(config) -> dict:
         }
     else:
         abstract = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-        state, host = ckpt.restore(None, abstract)
+        state, host = ckpt.restore(None, place_state(abstract, mesh))
         results["before"] = host["before"]
         log.info("resumed from step %d", int(state["step"]))
 
