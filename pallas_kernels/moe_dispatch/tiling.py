@@ -43,6 +43,13 @@ def _row_mask(m_tile, start, end, tm):
     return (rows >= start) & (rows < end)
 
 
+def _zeros_varying_like(shape, *operands):
+    """float32 zeros that vary over the same shard_map axes as `operands`, so a scan carry
+    started from them has the type of the body's output (inside `shard_map`)."""
+    seed = sum(jnp.where(False, x.reshape(-1)[:1].astype(jnp.float32), 0.0) for x in operands)
+    return jnp.zeros(shape, jnp.float32) + seed.reshape(())
+
+
 def gmm_blocked(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs, out_dtype, tm=128):
     """Grouped matmul as a loop over visits of tm-row tiles: routed FLOPs only, any backend.
 
@@ -72,7 +79,8 @@ def gmm_blocked(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs, out_dtype, tm=128
         acc = jax.lax.dynamic_slice_in_dim(out, m_tile * tm, tm)
         return jax.lax.dynamic_update_slice_in_dim(out, acc + prod, m_tile * tm, 0), None
 
-    out, _ = jax.lax.scan(visit, jnp.zeros((mp, n), jnp.float32), jnp.arange(group_V.shape[0]))
+    out0 = _zeros_varying_like((mp, n), lhs, rhs, group_sizes_E)
+    out, _ = jax.lax.scan(visit, out0, jnp.arange(group_V.shape[0]))
     return out[:m].astype(out_dtype)
 
 
@@ -102,6 +110,6 @@ def tgmm_blocked(lhs_MxK, grad_MxN, group_sizes_E, *, out_dtype, tm=128):
         )
         return out.at[g].add(prod), None
 
-    out0 = jnp.zeros((num_groups, k, n), jnp.float32)
+    out0 = _zeros_varying_like((num_groups, k, n), lhs, grad, group_sizes_E)
     out, _ = jax.lax.scan(visit, out0, jnp.arange(group_V.shape[0]))
     return out.astype(out_dtype)
