@@ -10,12 +10,14 @@ from __future__ import annotations
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtrace import paths
+
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
-        self.directory = directory
+        self.directory = paths.absolute(directory)
         self.manager = ocp.CheckpointManager(
-            directory,
+            self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
@@ -61,7 +63,7 @@ class Checkpointer:
 
 def restore_params(directory: str, abstract_params, step: int | None = None):
     """Only the params of a training checkpoint (for eval and export)."""
-    mngr = ocp.CheckpointManager(directory)
+    mngr = ocp.CheckpointManager(paths.absolute(directory))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory!r}")

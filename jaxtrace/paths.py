@@ -13,6 +13,11 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def absolute(path: str) -> str:
+    """Remote paths as they are; local ones made absolute (Orbax refuses relative paths)."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def _fs(path: str):
     import fsspec  # noqa: PLC0415
 

@@ -176,3 +176,27 @@ def test_tasks_load_accepts_remote_paths(mem_root):
     c.data.update(task="jsonl", train_path=url, test_path=url, num_train=0, num_test=0)
     train, test = tasks.load(c.data)
     assert train == test == [tasks.Example("1+1?", "The answer is $\\boxed{2}$.", "2")]
+
+
+def test_checkpoint_relative_directory(tmp_path, monkeypatch):
+    """A relative workdir (the default `runs/tiny`) saves and restores: Orbax itself only takes
+    absolute paths."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from jaxtrace import checkpoint  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    state = {"params": {"w": jnp.arange(3.0)}, "step": jnp.int32(7)}
+    ckpt = checkpoint.Checkpointer("runs/rel/ckpt", keep=1, async_save=True)
+    ckpt.save(7, state, {"note": "x"}, force=True)
+    ckpt.close()
+    assert (tmp_path / "runs/rel/ckpt/7").is_dir()
+    again = checkpoint.Checkpointer("runs/rel/ckpt", keep=1)
+    restored, host = again.restore(None, state)
+    again.close()
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert host == {"note": "x"}
+    params, step = checkpoint.restore_params("runs/rel/ckpt", {"w": jnp.zeros(3)})
+    assert step == 7
+    np.testing.assert_array_equal(params["w"], state["params"]["w"])
