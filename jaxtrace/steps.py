@@ -42,10 +42,11 @@ class LossConfig:
 def make_optimizer(
     lr, warmup_steps: int, grad_clip: float, weight_decay: float, b1: float, b2: float
 ):
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
-        [max(warmup_steps, 1)],
-    )
+    schedule = optax.constant_schedule(lr)
+    if warmup_steps > 0:  # linear from 0; without warm-up the first step already uses lr
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup_steps), schedule], [warmup_steps]
+        )
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
         optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),

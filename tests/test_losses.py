@@ -783,3 +783,23 @@ def test_trace_loss_bad_inputs(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         L.trace_loss(**args)
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 5])
+def test_optimizer_learning_rate_schedule(warmup):
+    """The first update uses lr at once without warm-up, and ramps from 0 over `warmup` steps."""
+    import optax  # noqa: PLC0415
+
+    from jaxtrace import steps  # noqa: PLC0415
+
+    lr = 0.1
+    opt = steps.make_optimizer(lr, warmup, grad_clip=1e9, weight_decay=0.0, b1=0.0, b2=0.0)
+    params = {"w": jnp.zeros(())}
+    state = opt.init(params)
+    seen = []
+    for _ in range(warmup + 2):
+        # Adam with b1=b2=0 moves every parameter by exactly lr(t) against sign(grad).
+        updates, state = opt.update({"w": jnp.ones(())}, state, params)
+        seen.append(-float(optax.apply_updates(params, updates)["w"]))
+    want = [lr * t / warmup for t in range(warmup)] + [lr, lr] if warmup else [lr, lr]
+    np.testing.assert_allclose(seen, want, rtol=1e-5, atol=1e-7)
