@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxtrace import sharding
 from jaxtrace.rollout import SamplingConfig, make_generate
 
 _GENERATORS: dict = {}
@@ -33,11 +34,13 @@ def evaluate(
     seed: int = 0,
     show_progress: bool = False,
     desc: str = "eval",
+    mesh=None,
 ):
     """Returns {"pass@1" or "avg@k", "pass@k", "n", "response_length"} over `examples`.
 
     With temperature 0 decoding is greedy and `num_samples` is forced to 1. The batch has a
-    fixed size (the last one padded), so the sampler compiles once.
+    fixed size (the last one padded), so the sampler compiles once. With `mesh`, each batch is
+    split over its data axes (the batch size rounded up to a multiple of them).
     """
     from jaxtrace.metrics import progress  # noqa: PLC0415
 
@@ -56,6 +59,9 @@ def evaluate(
     )
     generate = _generator(graphdef, cfg)
     batch_size = max(1, min(batch_size, len(examples)))
+    if mesh is not None:
+        dp = sharding.data_parallel_size(mesh)
+        batch_size = -(-batch_size // dp) * dp
     correct = np.zeros((len(examples), k), np.float32)
     lengths = []
     bar = progress(len(examples), desc, enabled=show_progress)
@@ -63,6 +69,7 @@ def evaluate(
         chunk = examples[start : start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         prompt, valid = encoder.student(padded)
+        prompt, valid = sharding.shard_rows((prompt, valid), mesh)
         out = generate(params, prompt, valid, jax.random.key(seed + start), None)
         out = jax.tree.map(np.asarray, out)
         texts = [tokenizer.decode(r[m]) for r, m in zip(out["response"], out["response_mask"])]

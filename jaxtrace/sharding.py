@@ -141,6 +141,18 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(put, batch)
 
 
+def shard_rows(batch, mesh: Mesh | None):
+    """Sampler inputs on the mesh: split over the data axes when the rows divide evenly, else
+    replicated (correct, but then every device decodes every row). With params replicated on a
+    mesh, host arrays left unplaced would make every device repeat the whole decode."""
+    if mesh is None:
+        return batch
+    rows = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
+    if len(rows) == 1 and rows.pop() % data_parallel_size(mesh) == 0:
+        return shard_batch(batch, mesh)
+    return jax.device_put(batch, replicated(mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -284,6 +284,7 @@ def run(config) -> dict:
             seed=config.seed,
             show_progress=config.train.progress,
             desc=f"eval {tag}",
+            mesh=mesh,
         )
 
     ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"), keep=config.train.keep_ckpts)
@@ -357,7 +358,8 @@ def run(config) -> dict:
             chosen = [train[i] for i in idx]
             prompt, valid = encoder.student(chosen)
             rng = jax.random.fold_in(jax.random.key(config.seed), step)
-            out = jax.tree.map(np.asarray, generate(state["params"], prompt, valid, rng, None))
+            placed = sharding.shard_rows((prompt, valid), mesh)
+            out = jax.tree.map(np.asarray, generate(state["params"], *placed, rng, None))
             examples = [e for e in chosen for _ in range(r.group_size)]
             texts = [
                 tokenizer.decode(row[m]) for row, m in zip(out["response"], out["response_mask"])

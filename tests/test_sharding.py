@@ -88,3 +88,30 @@ def test_batch_not_divisible_is_a_clear_error():
     mesh = sharding.make_mesh({"data": 8})
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
         sharding.shard_batch({"tokens": np.zeros((6, 4), np.int32)}, mesh)
+
+
+@needs8
+@pytest.mark.parametrize("rows", [16, 6])  # 6 does not split over 8 devices: replicated
+def test_sampler_on_the_mesh_equals_single_device(rows):
+    """Prompts placed with shard_rows next to mesh-replicated params decode exactly as on one
+    device (greedy and sampled), and split over the data axes when they divide evenly."""
+    from jaxtrace.rollout import SamplingConfig, make_generate  # noqa: PLC0415
+
+    graphdef, params = models.create(CFG, seed=0)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    on_mesh = jax.device_put(params, sharding.replicated(mesh))
+    prompt = np.random.default_rng(0).integers(1, CFG.vocab_size, (rows, 7), dtype=np.int32)
+    valid = np.ones(prompt.shape, bool)
+    valid[0, :3] = False  # left padding in one row
+    placed = sharding.shard_rows((prompt, valid), mesh)
+    want_spec = P("data") if rows % 8 == 0 else P()
+    assert placed[0].sharding.spec[:1] == want_spec[:1]
+    for greedy in (True, False):
+        cfg = SamplingConfig(max_prompt_len=7, max_new_tokens=5, greedy=greedy, num_samples=2)
+        gen = make_generate(graphdef, cfg)
+        want = gen(params, prompt, valid, jax.random.key(3), None)
+        got = gen(on_mesh, *placed, jax.random.key(3), None)
+        np.testing.assert_array_equal(np.asarray(got["response"]), np.asarray(want["response"]))
+        np.testing.assert_allclose(
+            np.asarray(got["logprobs"]), np.asarray(want["logprobs"]), atol=1e-5
+        )
