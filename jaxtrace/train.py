@@ -15,6 +15,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxtrace.config import ConfigError
@@ -58,6 +59,7 @@ def summary(results: dict) -> str:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     maybe_initialize_distributed(_DISTRIBUTED.value)
     import jax  # noqa: PLC0415
 
