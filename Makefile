@@ -7,7 +7,7 @@ CONFIG ?= configs/tiny.py
 ARGS ?=
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: venv train train-grpo test test-fast lint format bench clean
+.PHONY: venv train train-grpo test test-fast lint format bench bench-peers reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,26 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do JAX_PLATFORMS=cpu $(PY) $$b || exit 1; done
+	for b in rollout span_kl moe linear_attention mfu; do \
+		JAX_PLATFORMS=cpu $(PY) benchmarks/$$b.py || exit 1; done
+
+## jaxtrace vs google-tunix and transformers.generate (tunix gets its own virtualenv).
+PEERS := .venv-peers
+$(PEERS)/.installed: pyproject.toml benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q "torch==2.13.0"
+	$(PEERS)/bin/python -m pip install -q -e ".[hf,data]"
+	$(PEERS)/bin/python -m pip install -q --no-deps "google-tunix==0.1.7"
+	$(PEERS)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt
+	touch $@
+
+bench-peers: $(PEERS)/.installed
+	JAX_PLATFORMS=cpu XLA_FLAGS= $(PEERS)/bin/python benchmarks/vs_peers.py $(ARGS)
+
+## The paper's claims in miniature: 3 seeds x {GRPO, OPSD, TRACE-FKL, TRACE-RKL} (hours on CPU).
+reproduce: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/reproduce.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache

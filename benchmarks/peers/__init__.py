@@ -1,0 +1,1 @@
+"""Adapters that time peer RL libraries for `benchmarks/vs_peers.py`."""
