@@ -47,7 +47,7 @@ bench: $(STAMP)
 		JAX_PLATFORMS=cpu $(PY) benchmarks/$$b.py || exit 1; done
 
 ## jaxtrace vs google-tunix and transformers.generate (tunix gets its own virtualenv).
-PEERS := .venv-peers
+PEERS ?= .venv-peers
 $(PEERS)/.installed: pyproject.toml benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q --upgrade pip

@@ -411,7 +411,8 @@ def run(config) -> dict:
                 bar.set_postfix(
                     acc=f"{m['accuracy']:.2f}", lam=f"{lam:.2f}", fkl=f"{m.get('frac_fkl', 0):.2f}"
                 )
-            if config.train.eval_every and done % config.train.eval_every == 0:
+            last = done == config.train.steps  # the "after RL" eval below covers it
+            if config.train.eval_every and done % config.train.eval_every == 0 and not last:
                 writer.write(done, run_eval(state["params"], f"step {done}"), prefix="eval/")
             if (
                 done % config.train.ckpt_every == 0
