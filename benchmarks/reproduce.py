@@ -198,7 +198,8 @@ def plot(data, path):
         ("response_len", "response length (tokens)"),
         ("cum_exposure", "cumulative privileged-gradient exposure"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    axes = axes.ravel()
     for ax, (key, title) in zip(axes, panels):
         for method, runs in data.items():
             curves = [r["curves"][key] for r in runs if r["curves"][key]]
@@ -208,6 +209,8 @@ def plot(data, path):
             (line,) = ax.plot(steps, y.mean(0), label=f"{LABELS[method]} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, y.min(0), y.max(0), alpha=0.2, color=line.get_color())
+        if key == "cum_exposure":  # OPSD's all-token exposure dwarfs TRACE's span exposure
+            ax.set_yscale("symlog", linthresh=1000)
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
