@@ -71,7 +71,7 @@ def evaluate(
         prompt, valid = encoder.student(padded)
         prompt, valid = sharding.shard_rows((prompt, valid), mesh)
         out = generate(params, prompt, valid, jax.random.key(seed + start), None)
-        out = jax.tree.map(np.asarray, out)
+        out = sharding.to_host(out)
         texts = [tokenizer.decode(r[m]) for r, m in zip(out["response"], out["response_mask"])]
         golds = [e.answer for e in padded for _ in range(k)]
         rewards, _ = verifier.score(texts, golds)

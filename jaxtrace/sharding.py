@@ -153,6 +153,17 @@ def shard_rows(batch, mesh: Mesh | None):
     return jax.device_put(batch, replicated(mesh))
 
 
+def to_host(tree):
+    """numpy copies of the *global* arrays in `tree`, on every process (a multi-process mesh
+    leaves each process only its own shards)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -359,7 +359,7 @@ def run(config) -> dict:
             prompt, valid = encoder.student(chosen)
             rng = jax.random.fold_in(jax.random.key(config.seed), step)
             placed = sharding.shard_rows((prompt, valid), mesh)
-            out = jax.tree.map(np.asarray, generate(state["params"], *placed, rng, None))
+            out = sharding.to_host(generate(state["params"], *placed, rng, None))
             examples = [e for e in chosen for _ in range(r.group_size)]
             texts = [
                 tokenizer.decode(row[m]) for row, m in zip(out["response"], out["response_mask"])
@@ -443,7 +443,7 @@ def run(config) -> dict:
 
 
 def _divergence(fn, params, mesh, batch):
-    return fn(params, sharding.shard_batch(batch, mesh))
+    return sharding.to_host(fn(params, sharding.shard_batch(batch, mesh)))
 
 
 def _self_generate(graphdef, get_params, tokenizer, r):
