@@ -8,11 +8,12 @@ by decoding prefixes, so annotated character spans land on the right tokens.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Iterable, Sequence
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Interface: ids <-> text, special ids, and offsets into decoded text."""
 
     vocab_size: int
@@ -20,11 +21,11 @@ class Tokenizer:
     eos_id: int
     bos_id: int | None
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def offsets(self, ids: Sequence[int]) -> list[tuple[int, int]]:
         """(start, end) of each token in `decode(ids)`; special tokens get empty ranges."""
