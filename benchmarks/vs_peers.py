@@ -4,8 +4,9 @@ and decode throughput vs tunix's sampler and `transformers.generate`.
 Every row uses the same Qwen3 shape (random fp32 weights), the same batch and sequence lengths:
 
   train step, rollout excluded   one policy update on a fixed batch of num_prompts x group_size
-                                 sequences (prompt_len + response_len tokens); tokens/s counts
-                                 every token of the batch.
+                                 sequences (prompt_len + response_len tokens; the group_size
+                                 sequences of a prompt share it, as in GRPO); tokens/s counts
+                                 every token of the batch, each prompt once per sequence.
   train step, rollout included   sample group_size responses per prompt (temperature 1), score
                                  them, group advantages, one update; tokens/s counts the tokens
                                  generated in the step.
@@ -69,7 +70,7 @@ def jaxtrace_model(shape, seed=0):
 # ------------------------------------------------------------------------------------ jaxtrace
 def jaxtrace_timers(shape, a):
     """(train step without rollout, train step with rollout, decode) timers for jaxtrace."""
-    from jaxtrace import steps  # noqa: PLC0415
+    from jaxtrace import rl, steps  # noqa: PLC0415
     from jaxtrace.losses import grpo as grpo_lib  # noqa: PLC0415
     from jaxtrace.rollout import SamplingConfig, make_generate  # noqa: PLC0415
 
@@ -79,9 +80,9 @@ def jaxtrace_timers(shape, a):
     optimizer = steps.make_optimizer(1e-6, 0, 1.0, 0.0, 0.9, 0.99)
     rl_step = steps.make_rl_step(graphdef, optimizer, steps.LossConfig(mode="grpo"))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-    batch = {
-        "prompt": rng.integers(0, shape["vocab_size"], (b, a.prompt_len), dtype=np.int32),
-        "prompt_valid": np.ones((b, a.prompt_len), bool),
+    batch = {  # one row per prompt: its group_size responses share it (steps.response_hidden)
+        "prompt": rng.integers(1, shape["vocab_size"], (a.num_prompts, a.prompt_len), np.int32),
+        "prompt_valid": np.ones((a.num_prompts, a.prompt_len), bool),
         "response": rng.integers(0, shape["vocab_size"], (b, a.response_len), dtype=np.int32),
         "response_mask": np.ones((b, a.response_len), bool),
         "advantages": rng.standard_normal(b).astype(np.float32),
@@ -116,9 +117,10 @@ def jaxtrace_timers(shape, a):
         mask = out["response_mask"]
         rewards = (mask.sum(1) % 2).astype(np.float32)  # the same trivial reward as tunix's row
         adv, _ = grpo_lib.group_advantages(rewards, a.group_size)
+        prompt, valid = rl.group_prompts(out["prompt"], out["prompt_valid"], a.group_size)
         full = {
-            "prompt": out["prompt"],
-            "prompt_valid": out["prompt_valid"],
+            "prompt": prompt,
+            "prompt_valid": valid,
             "response": out["response"],
             "response_mask": mask,
             "advantages": np.asarray(adv, np.float32),

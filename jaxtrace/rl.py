@@ -117,6 +117,19 @@ def score_rewards(verifier, texts, golds):
     return np.asarray(rewards, np.float32), dict(stats)
 
 
+def group_prompts(prompt_RxP, valid_RxP, group_size: int):
+    """The sampler's prompts [R, P] (each repeated `group_size` times, prompt-major) as one row
+    per group [R / group_size, P], the layout in which the train step runs each prompt once."""
+    prompt, valid = (np.asarray(x)[::group_size] for x in (prompt_RxP, valid_RxP))
+    for name, rows, one in (("prompt", prompt_RxP, prompt), ("prompt_valid", valid_RxP, valid)):
+        if not np.array_equal(np.repeat(one, group_size, axis=0), rows):
+            raise ValueError(
+                f"rollout {name} rows are not groups of {group_size} identical rows "
+                f"(shape {np.shape(rows)}): expected the sampler's prompt-major layout"
+            )
+    return prompt, valid
+
+
 def build_batch(
     rollout,
     examples,
@@ -150,9 +163,10 @@ def build_batch(
         )
     )
     correct = rewards > 0.5
+    prompt, prompt_valid = group_prompts(rollout["prompt"], rollout["prompt_valid"], group_size)
     batch = {
-        "prompt": rollout["prompt"],
-        "prompt_valid": rollout["prompt_valid"],
+        "prompt": prompt,  # one row per group, shared by its responses
+        "prompt_valid": prompt_valid,
         "response": rollout["response"],
         "response_mask": mask,
         "advantages": adv.astype(np.float32),

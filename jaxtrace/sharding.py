@@ -141,6 +141,15 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(put, batch)
 
 
+def shard_step_batch(batch, mesh: Mesh):
+    """A train-step batch on the mesh: its [R, ...] arrays split over the data axes, and the
+    group prompts (`prompt`, `prompt_valid`: G rows for R = G * k responses, see
+    `steps.response_hidden`) split too when G divides, else replicated (they are small)."""
+    prompts = {k: batch[k] for k in ("prompt", "prompt_valid") if k in batch}
+    rest = {k: v for k, v in batch.items() if k not in prompts}
+    return {**shard_batch(rest, mesh), **shard_rows(prompts, mesh)}
+
+
 def shard_rows(batch, mesh: Mesh | None):
     """Sampler inputs on the mesh: split over the data axes when the rows divide evenly, else
     replicated (correct, but then every device decodes every row). With params replicated on a

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from jaxtrace.losses import trace as trace_lib
-from jaxtrace.models import causal_mask, positions_from_valid
+from jaxtrace.models import causal_mask, init_cache, positions_from_valid
 from jaxtrace.models.moe import router_aux_loss
 from pallas_kernels import span_kl as span_kl_op
 
@@ -55,13 +55,77 @@ def make_optimizer(
 
 def response_hidden(model, prompt, prompt_valid, response, response_mask, return_aux=False):
     """Hidden states [R, N, D] at the positions that predict each response token (with
-    `return_aux`: also the per-layer MoE router aux and the [R, P + N] token mask)."""
+    `return_aux`: also the per-layer MoE router aux and the matching token mask).
+
+    `prompt` may have fewer rows than `response`: G prompts for R = G * k responses, response
+    row r answering prompt r // k (the sampler's group layout). The prompt then runs once per
+    group and its keys/values are shared by the group's k responses, the same function as
+    repeating the prompt k times for 1/k of the prompt's work (hybrid models, whose linear
+    layers keep no per-token cache, repeat it).
+    """
+    g, r = prompt.shape[0], response.shape[0]
+    if r % g:
+        raise ValueError(f"{r} response rows are not a whole number of groups of {g} prompts")
+    if g != r and model.cfg.family == "qwen3_hybrid":
+        prompt, prompt_valid = (jnp.repeat(x, r // g, axis=0) for x in (prompt, prompt_valid))
+    elif g != r:
+        return _shared_prompt_hidden(
+            model, prompt, prompt_valid, response, response_mask, return_aux
+        )
     p, n = prompt.shape[1], response.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)
     valid = jnp.concatenate([prompt_valid, response_mask], axis=1)
     out = model(tokens, positions_from_valid(valid), causal_mask(valid), return_aux=return_aux)
     hidden = out[0][:, p - 1 : p - 1 + n]
     return (hidden, out[2], valid) if return_aux else hidden
+
+
+def _shared_prompt_hidden(model, prompt, prompt_valid, response, response_mask, return_aux):
+    """`response_hidden` for G < R: one prompt pass fills a KV cache, which is repeated over each
+    group and extended by one response pass. Gradients reach the prompt through the cache."""
+    (g, p), (r, n) = prompt.shape, response.shape
+    k = r // g
+    hidden_p, cache_p, aux_p = model(
+        prompt,
+        positions_from_valid(prompt_valid),
+        causal_mask(prompt_valid),
+        init_cache(model.cfg, g, p),
+        0,
+        return_aux=True,
+    )
+    cache = [
+        {
+            name: jnp.pad(jnp.repeat(c, k, axis=0), ((0, 0), (0, n), (0, 0), (0, 0)))
+            for name, c in layer.items()
+        }
+        for layer in cache_p
+    ]
+    valid = jnp.concatenate([jnp.repeat(prompt_valid, k, axis=0), response_mask], axis=1)
+    hidden_r, _, aux_r = model(
+        response,
+        positions_from_valid(valid)[:, p:],
+        causal_mask(valid)[:, p:],
+        cache,
+        p,
+        return_aux=True,
+    )
+    hidden = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], k, axis=0), hidden_r[:, :-1]], axis=1)
+    if not return_aux:
+        return hidden
+    # MoE statistics over the distinct tokens: each prompt token counts once, not k times.
+    tokens_valid = jnp.concatenate([prompt_valid.reshape(1, -1), response_mask.reshape(1, -1)], 1)
+    aux = [None if a is None else _join_aux(a, b) for a, b in zip(aux_p, aux_r)]
+    return hidden, aux, tokens_valid
+
+
+def _join_aux(a, b):
+    def join(x, y):
+        if x.ndim == 1:  # per-expert totals
+            return x + y
+        flat = lambda z: z.reshape(1, -1, z.shape[-1])
+        return jnp.concatenate([flat(x), flat(y)], axis=1)
+
+    return jax.tree.map(join, a, b)
 
 
 # ---------------------------------------------------------------------------- MoE balancing

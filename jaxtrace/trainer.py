@@ -378,7 +378,7 @@ def run(config) -> dict:
                 divergence_fn=functools.partial(_divergence, divergence, state["params"], mesh),
             )
             state, m = rl_step(
-                state, sharding.shard_batch(batch, mesh), jnp.float32(lam), use_teacher
+                state, sharding.shard_step_batch(batch, mesh), jnp.float32(lam), use_teacher
             )
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not m.pop("finite"):
@@ -443,7 +443,7 @@ def run(config) -> dict:
 
 
 def _divergence(fn, params, mesh, batch):
-    return sharding.to_host(fn(params, sharding.shard_batch(batch, mesh)))
+    return sharding.to_host(fn(params, sharding.shard_step_batch(batch, mesh)))
 
 
 def _self_generate(graphdef, get_params, tokenizer, r):

@@ -146,7 +146,8 @@ def train_step_timer(shape, *, num_prompts, group_size, prompt_len, response_len
     """Zero-arg callable running one tunix GRPO actor update on a fixed TrainExample.
 
     The batch is num_prompts * group_size sequences of prompt_len prompt and response_len
-    completion tokens (random ids, no padding) with random advantages. Returns the number of
+    completion tokens (random ids, no padding; each prompt repeated for its group, as
+    GRPOLearner lays out a step) with random advantages. Returns the number of
     tokens in the batch (prompt + completion), like the jaxtrace row of `vs_peers.py`.
     """
     learner = _grpo_learner(
@@ -164,7 +165,9 @@ def train_step_timer(shape, *, num_prompts, group_size, prompt_len, response_len
     batch = num_prompts * group_size
     vocab = shape["vocab_size"]
     # Same array kinds as GRPOLearner._generate_and_compute_advantage produces.
-    prompt_ids = jnp.asarray(rng.integers(1, vocab, size=(batch, prompt_len)), jnp.int32)
+    # GRPO's layout: each of the num_prompts prompts repeated for its group_size completions.
+    prompts = rng.integers(1, vocab, size=(num_prompts, prompt_len))
+    prompt_ids = jnp.asarray(np.repeat(prompts, group_size, axis=0), jnp.int32)
     completion_ids = jnp.asarray(rng.integers(1, vocab, size=(batch, response_len)), jnp.int32)
     example = grpo_learner.TrainExample(
         prompt_ids=prompt_ids,

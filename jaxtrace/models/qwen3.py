@@ -182,9 +182,9 @@ class Qwen3(nnx.Module):
         new_cache, aux = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            if self.cfg.remat and cache is None:
-                x, c, a = nnx.remat(lambda lyr, *args: lyr(*args))(
-                    layer, x, positions_BxT, mask_BxTxS
+            if self.cfg.remat and tokens_BxT.shape[1] > 1:  # training passes, not decode steps
+                x, c, a = nnx.remat(lambda lyr, *args: lyr(*args, cache_index))(
+                    layer, x, positions_BxT, mask_BxTxS, layer_cache
                 )
             else:
                 x, c, a = layer(x, positions_BxT, mask_BxTxS, layer_cache, cache_index)

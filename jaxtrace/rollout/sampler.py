@@ -1,4 +1,5 @@
-"""Batched sampler: one prefill over left-padded prompts, then KV-cached decode steps.
+"""Batched sampler: one prefill over left-padded prompts (once per prompt, shared by its
+samples), then KV-cached decode steps.
 
 Shapes are fixed by (batch, max_prompt_len, max_new_tokens), so `generate` compiles once per
 config. Rows stop independently at their stop tokens or their own length budget; the loop exits
@@ -117,11 +118,18 @@ def generate(
 
     kv_valid = jnp.concatenate([valid, jnp.ones((r, new), bool)], axis=1)  # [R, S]
     slots = jnp.arange(s)
-    prefill_mask = kv_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
-    cache = init_cache(model.cfg, r, s)
-    hidden, cache = model(prompt, positions_from_valid(valid), prefill_mask, cache, 0)
+    # One prefill per prompt; its cache and last hidden state are copied to its n samples.
+    b = prompt_BxP.shape[0]
+    prefill_mask = kv_valid[::n, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
+    cache = init_cache(model.cfg, b, s)
+    hidden, cache = model(
+        prompt_BxP, positions_from_valid(prompt_valid_BxP), prefill_mask, cache, 0
+    )
+    hidden = hidden[:, -1:]
+    if n > 1:
+        hidden, cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), (hidden, cache))
     rng, step_rng = jax.random.split(rng)
-    token, logp = _choose(model.logits(hidden[:, -1:])[:, 0], step_rng, cfg)
+    token, logp = _choose(model.logits(hidden)[:, 0], step_rng, cfg)
     num_prompt = valid.sum(axis=1).astype(jnp.int32)
 
     response = jnp.full((r, new), cfg.pad_id, jnp.int32).at[:, 0].set(token)
