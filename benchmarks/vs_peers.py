@@ -88,6 +88,10 @@ def jaxtrace_timers(shape, a):
         "advantages": rng.standard_normal(b).astype(np.float32),
         "route": np.zeros((b, a.response_len), np.int32),
     }
+    if a.repeat_prompts:  # ablation: every row carries its own copy of the prompt
+        batch["prompt"], batch["prompt_valid"] = (
+            np.repeat(batch[k], a.group_size, axis=0) for k in ("prompt", "prompt_valid")
+        )
     batch = jax.device_put(batch)
 
     def train_step():
@@ -117,7 +121,9 @@ def jaxtrace_timers(shape, a):
         mask = out["response_mask"]
         rewards = (mask.sum(1) % 2).astype(np.float32)  # the same trivial reward as tunix's row
         adv, _ = grpo_lib.group_advantages(rewards, a.group_size)
-        prompt, valid = rl.group_prompts(out["prompt"], out["prompt_valid"], a.group_size)
+        prompt, valid = out["prompt"], out["prompt_valid"]
+        if not a.repeat_prompts:
+            prompt, valid = rl.group_prompts(prompt, valid, a.group_size)
         full = {
             "prompt": prompt,
             "prompt_valid": valid,
@@ -212,6 +218,11 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=64, help="decode: new tokens")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--torch_threads", type=int, default=0, help="0 = one per core")
+    p.add_argument(
+        "--repeat_prompts",
+        action="store_true",
+        help="ablation: jaxtrace train rows each carry a copy of their prompt (no prompt sharing)",
+    )
     p.add_argument("--skip", default="", help="comma-separated rows to skip: tunix,transformers")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))

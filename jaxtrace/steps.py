@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtrace.losses import trace as trace_lib
 from jaxtrace.models import causal_mask, init_cache, positions_from_valid
 from jaxtrace.models.moe import router_aux_loss
+from jaxtrace.models.qwen3 import grow_cache
 from pallas_kernels import span_kl as span_kl_op
 
 
@@ -93,13 +94,7 @@ def _shared_prompt_hidden(model, prompt, prompt_valid, response, response_mask, 
         0,
         return_aux=True,
     )
-    cache = [
-        {
-            name: jnp.pad(jnp.repeat(c, k, axis=0), ((0, 0), (0, n), (0, 0), (0, 0)))
-            for name, c in layer.items()
-        }
-        for layer in cache_p
-    ]
+    cache = grow_cache(cache_p, k, n)
     valid = jnp.concatenate([jnp.repeat(prompt_valid, k, axis=0), response_mask], axis=1)
     hidden_r, _, aux_r = model(
         response,

@@ -4,7 +4,7 @@ Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_
 `head_dim`, `mlp`, `norm`, `expert`); `jaxtrace.sharding` maps them to mesh axes.
 
 Attention takes an explicit boolean mask [B, T, S] (True = may attend) and, when decoding, a
-per-layer KV cache {"k", "v": [B, S, Hkv, Dh]} written at `cache_index`. The model returns final
+per-layer KV cache {"k", "v": [B, Hkv, S, Dh]} written at `cache_index`. The model returns final
 hidden states; `lm_head_weight()` gives the [D, V] head so that losses can work from hidden
 states without materialising logits (`pallas_kernels.span_kl`).
 """
@@ -49,18 +49,19 @@ def rope(x_BxTxHxD, positions_BxT, theta: float):
     return out.astype(x_BxTxHxD.dtype)
 
 
-def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-    """Grouped-query softmax attention in float32; masked rows attend uniformly (no NaN)."""
+def dot_product_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
+    """Grouped-query softmax attention in float32; masked rows attend uniformly (no NaN).
+    Keys and values come head-major, the KV cache's layout."""
     b, t, h, d = q_BxTxHxD.shape
-    kv = k_BxSxKxD.shape[2]
+    kv = k_BxKxSxD.shape[1]
     q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32) * (
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_BxKxSxD, preferred_element_type=jnp.float32) * (
         d**-0.5
     )
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-    return out.reshape(b, t, h, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxD.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_BxKxSxD)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -97,8 +98,9 @@ class Attention(nnx.Module):
         self, x_BxTxD, positions_BxT, mask_BxTxS, cache: Cache | None = None, cache_index=None
     ):
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+        k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, Hkv, T, Dh], as cached
         if cache is not None:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
@@ -221,7 +223,10 @@ def positions_from_valid(valid_BxT):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[Cache]:
-    """An empty KV cache: per layer {"k", "v": [B, S, Hkv, Dh]} (hybrid layers: their own state)."""
+    """An empty KV cache: per layer {"k", "v": [B, Hkv, S, Dh]} (hybrid layers: their own state).
+
+    Head-major, so that a decode step's attention reads the cache as it lies: with the slot axis
+    before the heads, XLA re-lays out every layer's whole cache on every step."""
     dtype = dtype or cfg.compute_dtype
     caches = []
     for i in range(cfg.num_layers):
@@ -230,6 +235,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[C
 
             caches.append(init_hybrid_cache(cfg, batch, dtype))
         else:
-            shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+            shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
             caches.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
     return caches
+
+
+def grow_cache(cache: list[Cache], repeats: int, extra_slots: int) -> list[Cache]:
+    """Each row of an attention cache repeated `repeats` times and `extra_slots` empty slots
+    appended (a prompt's cache shared by the responses of its group)."""
+    pad = ((0, 0), (0, 0), (0, extra_slots), (0, 0))
+    return [
+        {n: jnp.pad(jnp.repeat(c, repeats, axis=0), pad) for n, c in lyr.items()} for lyr in cache
+    ]
