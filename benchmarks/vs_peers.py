@@ -12,8 +12,10 @@ Every row uses the same Qwen3 shape (random fp32 weights), the same batch and se
                                  generated in the step.
   decode                         greedy, exactly --new tokens for --batch prompts (KV cache).
 
-Each timer is called once to compile, then --repeats times; the table shows medians and the ratio
-of jaxtrace to each peer. tunix lives in its own virtualenv (it pins its own dependencies):
+Each timer is called once to compile; then --repeats rounds call every implementation of a
+benchmark once each, interleaved, so that drift in the machine's speed hits them alike. The table
+shows medians and the ratio of jaxtrace to each peer. tunix lives in its own virtualenv (it pins
+its own dependencies):
 
     make bench-peers                       # creates .venv-peers (jaxtrace + tunix), runs this
     .venv-peers/bin/python benchmarks/vs_peers.py --repeats 7 --layers 4 --hidden 256
@@ -190,17 +192,22 @@ def transformers_decode_timer(shape, a):
 
 
 # -------------------------------------------------------------------------------------- timing
-def measure(fn, repeats):
-    """Median seconds and median tokens/s over `repeats` calls after one warm-up call."""
-    fn()
-    times, rates = [], []
+def measure(timers, repeats):
+    """{name: (median s, median tokens/s)} for the timers of one benchmark, after one warm-up call
+    each. Rounds interleave the implementations (round i calls each once), so a drift in the
+    machine's speed during the run shifts every implementation alike."""
+    for fn in timers.values():
+        fn()
+    times = {name: [] for name in timers}
+    rates = {name: [] for name in timers}
     for _ in range(repeats):
-        t = time.perf_counter()
-        n = fn()
-        dt = time.perf_counter() - t
-        times.append(dt)
-        rates.append(n / dt)
-    return statistics.median(times), statistics.median(rates)
+        for name, fn in timers.items():
+            t = time.perf_counter()
+            n = fn()
+            dt = time.perf_counter() - t
+            times[name].append(dt)
+            rates[name].append(n / dt)
+    return {n: (statistics.median(times[n]), statistics.median(rates[n])) for n in timers}
 
 
 def main(argv=None):
@@ -244,27 +251,26 @@ def main(argv=None):
     )
     rows = []  # (benchmark, implementation, median s, tokens/s)
 
-    def add(bench, name, fn):
-        med, rate = measure(fn, a.repeats)
-        rows.append((bench, name, med, rate))
-        print(f"  {bench:<28}{name:<24}{med:>9.3f} s{rate:>12.1f} tok/s", flush=True)
+    def add(bench, timers):
+        for name, (med, rate) in measure(timers, a.repeats).items():
+            rows.append((bench, name, med, rate))
+            print(f"  {bench:<28}{name:<24}{med:>9.3f} s{rate:>12.1f} tok/s", flush=True)
 
-    print("timing (median of --repeats after one warm-up):", flush=True)
-    add("train step (no rollout)", "jaxtrace", ours_train)
+    print("timing (medians of --repeats interleaved rounds, after one warm-up):", flush=True)
+    train = {"jaxtrace": ours_train}
+    full = {"jaxtrace": ours_full}
+    decode = {"jaxtrace": ours_decode}
     if tunix:
-        add("train step (no rollout)", "tunix GRPOLearner", tunix.train_step_timer(shape, **kw))
-    add("train step (with rollout)", "jaxtrace", ours_full)
-    if tunix:
-        add("train step (with rollout)", "tunix GRPOLearner", tunix.full_step_timer(shape, **kw))
-    add("decode", "jaxtrace", ours_decode)
-    if tunix:
-        add(
-            "decode",
-            "tunix Sampler",
-            tunix.decode_timer(shape, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new),
+        train["tunix GRPOLearner"] = tunix.train_step_timer(shape, **kw)
+        full["tunix GRPOLearner"] = tunix.full_step_timer(shape, **kw)
+        decode["tunix Sampler"] = tunix.decode_timer(
+            shape, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new
         )
     if "transformers" not in skip:
-        add("decode", "transformers.generate", transformers_decode_timer(shape, a))
+        decode["transformers.generate"] = transformers_decode_timer(shape, a)
+    add("train step (no rollout)", train)
+    add("train step (with rollout)", full)
+    add("decode", decode)
 
     print()
     print(

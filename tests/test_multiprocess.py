@@ -84,7 +84,9 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     rows_two, rows_one = _rows(two), _rows(one)
     assert [s for s in rows_one if "train/loss" in rows_one[s]] == list(range(1, STEPS + 1))
     assert rows_two == rows_one  # loss, grad norm, rewards, ... of every step, bitwise
-    assert all(rows_one[s]["train/grad_norm"] > 0 for s in range(1, STEPS + 1))
+    # Not vacuous: some step really updated the params (a step whose groups all tie on reward,
+    # e.g. all truncated, has zero advantages and a zero gradient).
+    assert any(rows_one[s]["train/grad_norm"] > 0 for s in range(1, STEPS + 1))
     final_two, final_one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
     keys = [f"arr_{i}" for i in range(len(final_one.files))]  # np.savez(*leaves) names
     assert len(keys) == len(final_two.files) > 10

@@ -21,6 +21,8 @@ from flax import nnx
 
 from jaxtrace.models import init_cache, positions_from_valid
 
+SAMPLE_BLOCK = 512  # vocabulary block of `sample_categorical`
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -74,6 +76,35 @@ def _top_p_filter(logits_BxV, top_p: float):
     return jnp.where(logits_BxV >= threshold, logits_BxV, -jnp.inf)
 
 
+def _first_above(cdf_BxN, u_Bx1):
+    """Per row, the first index whose CDF exceeds u, never past the last index that has mass
+    (u can round up to the total)."""
+    index = jnp.sum(cdf_BxN <= u_Bx1, axis=-1)
+    last_with_mass = jnp.argmax(cdf_BxN >= cdf_BxN[:, -1:], axis=-1)
+    return jnp.minimum(index, last_with_mass)
+
+
+def sample_categorical(rng, logits_BxV, block: int = SAMPLE_BLOCK):
+    """One token per row from softmax(logits) (-inf = never), by inverting the CDF in two
+    levels: a block of `block` vocabulary entries, then a token in it, one uniform each.
+
+    `jax.random.categorical` (the Gumbel trick) draws a random number per vocabulary entry,
+    which took about a quarter of a CPU decode step here. A one-level float32 CDF over Qwen3's
+    152k entries is off by ~1e-3 in total variation (tail tokens vanish when added to a total
+    near 1); with blocks the error is ~5e-6, the order of float32 uniforms' own resolution.
+    """
+    b, v = logits_BxV.shape
+    block = min(block, v)
+    x = jnp.pad(logits_BxV, ((0, 0), (0, -v % block)), constant_values=-jnp.inf)
+    top = jnp.max(logits_BxV, axis=-1)[:, None, None]
+    inner = jnp.cumsum(jnp.exp(x.reshape(b, -1, block) - top), axis=-1)  # [B, blocks, block]
+    outer = jnp.cumsum(inner[:, :, -1], axis=-1)  # [B, blocks]
+    u_block, u_token = jax.random.uniform(rng, (2, b, 1), jnp.float32)
+    chosen = _first_above(outer, u_block * outer[:, -1:])
+    cdf = jnp.take_along_axis(inner, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+    return chosen * block + _first_above(cdf, u_token * cdf[:, -1:])
+
+
 def _choose(logits_BxV, rng, cfg: SamplingConfig):
     """(token [B], log-prob of it under the model's own distribution [B])."""
     logits_BxV = logits_BxV.astype(jnp.float32)
@@ -83,7 +114,7 @@ def _choose(logits_BxV, rng, cfg: SamplingConfig):
         scaled = logits_BxV / cfg.temperature
         if cfg.top_p < 1.0:
             scaled = _top_p_filter(scaled, cfg.top_p)
-        token = jax.random.categorical(rng, scaled, axis=-1)
+        token = sample_categorical(rng, scaled)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, -1), token[:, None], -1)[:, 0]
     return token.astype(jnp.int32), logp
 
