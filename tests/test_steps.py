@@ -10,35 +10,13 @@ import pytest
 from flax import nnx
 
 from jaxtrace import models, sharding, steps
-from jaxtrace.models import ModelConfig
-from jaxtrace.models.config import preset
 from jaxtrace.models.hybrid import linearize
 from jaxtrace.models.moe import router_aux_loss
+from tests.test_moe_model_sharding import _cfg as moe_config
+from tests.test_sharding import CFG as dense_config
 
-DENSE = ModelConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    tie_word_embeddings=False,
-)
-MOE = preset(
-    "tiny",
-    vocab_size=61,
-    num_layers=2,
-    hidden_size=32,
-    num_heads=2,
-    num_kv_heads=2,
-    head_dim=16,
-    family="qwen3_moe",
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=24,
-    mlp_only_layers=(0,),
-)
+DENSE = dense_config  # the sharding tests' tiny dense Qwen3
+MOE = moe_config()  # 8 experts, top-2, layer 0 dense
 G, K, P, N = 2, 3, 5, 7  # odd sizes on purpose
 
 
@@ -70,8 +48,9 @@ def _repeated(batch):
     return out
 
 
-def _assert_trees_close(got, want, tol=1e-4):
-    """Each leaf within tol of the leaf's own scale (gradients are sums in another order)."""
+def _assert_trees_close(got, want, tol=1e-3):
+    """Each leaf within tol of the leaf's own scale: gradients are float32 sums taken in another
+    order (a lost gradient path is off by O(1))."""
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         scale = max(float(np.max(np.abs(b))), 1e-6)
         err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
