@@ -10,12 +10,15 @@ replicated rather than failing, so one rules table serves every model size.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -61,7 +64,11 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
         from jax.experimental import mesh_utils  # noqa: PLC0415
 
         grid = mesh_utils.create_device_mesh(sizes, devices)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        # mesh_utils knows the physical topologies it can lay out; elsewhere (an unusual slice
+        # shape, a device subset) the devices go in id order, which is correct but may put
+        # a mesh axis across slower links.
+        log.warning("mesh %s: devices in id order (%s: %s)", sizes, type(e).__name__, e)
         grid = np.asarray(devices).reshape(sizes)
     return Mesh(grid, names)
 

@@ -20,9 +20,8 @@ import optax
 from flax import nnx
 
 from jaxtrace.losses import trace as trace_lib
-from jaxtrace.models import causal_mask, init_cache, positions_from_valid
+from jaxtrace.models import causal_mask, grow_cache, init_cache, positions_from_valid
 from jaxtrace.models.moe import router_aux_loss
-from jaxtrace.models.qwen3 import grow_cache
 from pallas_kernels import span_kl as span_kl_op
 
 

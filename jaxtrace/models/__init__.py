@@ -11,7 +11,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrace.models.config import ModelConfig, from_hf_dict, preset, to_hf_dict
-from jaxtrace.models.qwen3 import Qwen3, causal_mask, init_cache, positions_from_valid
+from jaxtrace.models.qwen3 import (
+    Qwen3,
+    causal_mask,
+    grow_cache,
+    init_cache,
+    positions_from_valid,
+)
 
 __all__ = [
     "ModelConfig",
@@ -22,6 +28,7 @@ __all__ = [
     "create",
     "forward_logits",
     "from_hf_dict",
+    "grow_cache",
     "init_cache",
     "logical_axes",
     "positions_from_valid",
