@@ -7,7 +7,7 @@ CONFIG ?= configs/tiny.py
 ARGS ?=
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: venv train train-grpo test test-fast lint format bench bench-peers reproduce clean
+.PHONY: venv venv-tpu train train-grpo test test-fast lint format bench bench-peers reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[hf,data,dev]"
 	touch $(STAMP)
 
-venv: $(STAMP)
+## libtpu, for ahead-of-time compiles for TPU slices on any host (`python -m jaxtrace.compile`,
+## tests/test_tpu_compile.py): the jax[tpu] extra at the installed jax's own version.
+TPU_STAMP := $(VENV)/.installed-tpu
+$(TPU_STAMP): $(STAMP)
+	$(PY) -m pip install -q "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	touch $(TPU_STAMP)
+
+venv-tpu: $(TPU_STAMP)
+
+## The whole development environment, libtpu included (`make train` needs only $(STAMP)).
+venv: $(TPU_STAMP)
 
 ## The embedded default: SFT warm start, then TRACE; prints held-out accuracy before and after.
 train: $(STAMP)
@@ -28,10 +38,10 @@ train-grpo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m jaxtrace.train --config=$(CONFIG):grpo \
 		--config.workdir=runs/tiny_grpo $(ARGS)
 
-test: $(STAMP)
+test: $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile tests
 
-test-fast: $(STAMP)
+test-fast: $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
 
 lint: $(STAMP)

@@ -19,6 +19,29 @@ def _generator(graphdef, cfg):
     return _GENERATORS[key]
 
 
+def sampling_config(max_prompt_len, max_new_tokens, num_samples, temperature, eos_id, pad_id):
+    """Held-out decoding: greedy (one sample) at temperature 0, else `num_samples` samples."""
+    greedy = temperature <= 0
+    return SamplingConfig(
+        max_prompt_len=max_prompt_len,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if greedy else temperature,
+        greedy=greedy,
+        num_samples=1 if greedy else num_samples,
+        stop_tokens=(eos_id,),
+        pad_id=pad_id,
+    )
+
+
+def batch_rows(batch_size, num_examples=None, mesh=None):
+    """Prompts per sampler call: at most the examples, rounded up to the mesh's data axes."""
+    rows = max(1, batch_size if num_examples is None else min(batch_size, num_examples))
+    if mesh is not None:
+        dp = sharding.data_parallel_size(mesh)
+        rows = -(-rows // dp) * dp
+    return rows
+
+
 def evaluate(
     graphdef,
     params,
@@ -46,22 +69,12 @@ def evaluate(
 
     if not examples:
         return {"n": 0}
-    greedy = temperature <= 0
-    k = 1 if greedy else num_samples
-    cfg = SamplingConfig(
-        max_prompt_len=encoder.p,
-        max_new_tokens=max_new_tokens,
-        temperature=1.0 if greedy else temperature,
-        greedy=greedy,
-        num_samples=k,
-        stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id,
+    cfg = sampling_config(
+        encoder.p, max_new_tokens, num_samples, temperature, tokenizer.eos_id, tokenizer.pad_id
     )
+    k = cfg.num_samples
     generate = _generator(graphdef, cfg)
-    batch_size = max(1, min(batch_size, len(examples)))
-    if mesh is not None:
-        dp = sharding.data_parallel_size(mesh)
-        batch_size = -(-batch_size // dp) * dp
+    batch_size = batch_rows(batch_size, len(examples), mesh)
     correct = np.zeros((len(examples), k), np.float32)
     lengths = []
     bar = progress(len(examples), desc, enabled=show_progress)
@@ -70,7 +83,8 @@ def evaluate(
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         prompt, valid = encoder.student(padded)
         prompt, valid = sharding.shard_rows((prompt, valid), mesh)
-        out = generate(params, prompt, valid, jax.random.key(seed + start), None)
+        with sharding.mesh_context(mesh):  # Pallas ops in the model run under shard_map
+            out = generate(params, prompt, valid, jax.random.key(seed + start), None)
         out = sharding.to_host(out)
         texts = [tokenizer.decode(r[m]) for r, m in zip(out["response"], out["response_mask"])]
         golds = [e.answer for e in padded for _ in range(k)]

@@ -10,6 +10,7 @@ replicated rather than failing, so one rules table serves every model size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -178,6 +179,12 @@ def to_host(tree):
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def mesh_context(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or no context for None: Pallas ops look the mesh up here to run
+    under shard_map (`pallas_kernels._mesh`)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -245,16 +245,74 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def loss_config(config) -> steps.LossConfig:
+    """The RL loss settings of `config.algo` (dapo / drgrpo are grpo presets)."""
+    a = config.algo
+    return steps.LossConfig(
+        mode={"dapo": "grpo", "drgrpo": "grpo"}.get(a.name, a.name),
+        eps_low=a.eps_low,
+        eps_high=a.eps_high if a.name != "grpo" else a.eps_low,
+        norm="constant" if a.name == "drgrpo" else a.norm,
+        max_len=config.rollout.max_new_tokens,
+        ref_kl_coef=a.ref_kl_coef,
+        opsd_route=trace_lib.ROUTE_RKL if a.opsd_route == "rkl" else trace_lib.ROUTE_FKL,
+        kl_implementation=a.kl_implementation or None,
+    )
+
+
+def teacher_phases(config) -> tuple[bool, ...]:
+    """The `use_teacher` values the RL step compiles for over the run (`rl.build_batch` asks
+    for the teacher in OPSD modes, and in TRACE while the KL coefficient is above 0)."""
+    a = config.algo
+    if a.name in ("opsd", "opsd+grpo"):
+        return (True,)
+    if a.name != "trace":
+        return (False,)
+    lams = {
+        float(
+            trace_lib.kl_coef(
+                s,
+                lambda0=a.kl_lambda0,
+                warmup_steps=a.kl_warmup_steps,
+                decay_steps=a.kl_decay_steps,
+                decay=a.kl_decay,
+            )
+        )
+        > 0
+        for s in range(max(config.train.steps, 1))
+    }
+    return tuple(sorted(lams, reverse=True))
+
+
+def rollout_sampling(config, stop_tokens, pad_id) -> SamplingConfig:
+    """The RL rollout's sampler settings."""
+    r = config.rollout
+    return SamplingConfig(
+        max_prompt_len=r.max_prompt_len,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        num_samples=r.group_size,
+        stop_tokens=tuple(stop_tokens),
+        pad_id=pad_id,
+    )
+
+
 def run(config) -> dict:
     """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}."""
     validate(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    with sharding.mesh_context(mesh):  # Pallas ops find the mesh here, to run under shard_map
+        return _run(config, mesh)
+
+
+def _run(config, mesh) -> dict:
     paths.makedirs(config.workdir)
     is_main = jax.process_index() == 0
     if is_main:
         with paths.open_path(paths.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     model_cfg = model_config(config)
-    mesh = sharding.make_mesh(dict(config.mesh))
     train, test = tasks.load(config.data, seed=config.seed)
     tokenizer = setup_tokenizer(config, train)
     r = config.rollout
@@ -311,26 +369,8 @@ def run(config) -> dict:
         log.info("resumed from step %d", int(state["step"]))
 
     mode = {"dapo": "grpo", "drgrpo": "grpo"}.get(a.name, a.name)
-    loss_cfg = steps.LossConfig(
-        mode=mode,
-        eps_low=a.eps_low,
-        eps_high=a.eps_high if a.name != "grpo" else a.eps_low,
-        norm="constant" if a.name == "drgrpo" else a.norm,
-        max_len=r.max_new_tokens,
-        ref_kl_coef=a.ref_kl_coef,
-        opsd_route=trace_lib.ROUTE_RKL if a.opsd_route == "rkl" else trace_lib.ROUTE_FKL,
-        kl_implementation=a.kl_implementation or None,
-    )
-    rl_step = steps.make_rl_step(graphdef, optimizer, loss_cfg)
-    sampling = SamplingConfig(
-        max_prompt_len=r.max_prompt_len,
-        max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        num_samples=r.group_size,
-        stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id,
-    )
+    rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config))
+    sampling = rollout_sampling(config, (tokenizer.eos_id,), tokenizer.pad_id)
     generate = make_generate(graphdef, sampling)
     divergence = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
     annotator = make_annotator(
@@ -446,16 +486,22 @@ def _divergence(fn, params, mesh, batch):
     return sharding.to_host(fn(params, sharding.shard_step_batch(batch, mesh)))
 
 
-def _self_generate(graphdef, get_params, tokenizer, r):
-    """generate_fn for self-annotation: the current policy, greedy, prompts cut to fit."""
-    budget = 4 * r.max_privileged_len
-    cfg = SamplingConfig(
-        max_prompt_len=budget,
+def self_annotation_sampling(r, eos_id, pad_id) -> SamplingConfig:
+    """Self-annotation: the current policy, greedy, on prompts of up to 4x the privileged
+    width, answering in up to twice the rollout budget."""
+    return SamplingConfig(
+        max_prompt_len=4 * r.max_privileged_len,
         max_new_tokens=2 * r.max_new_tokens,
         greedy=True,
-        stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id,
+        stop_tokens=(eos_id,),
+        pad_id=pad_id,
     )
+
+
+def _self_generate(graphdef, get_params, tokenizer, r):
+    """generate_fn for self-annotation: the current policy, greedy, prompts cut to fit."""
+    cfg = self_annotation_sampling(r, tokenizer.eos_id, tokenizer.pad_id)
+    budget = cfg.max_prompt_len
     gen = None
 
     def generate_text(prompts):

@@ -22,8 +22,12 @@ Drive a Cloud TPU VM (single host or multi-host pod) for jaxtrace. Every ssh/scp
 --worker=all, so the trainer starts on all hosts at once and jax.distributed coordinates them.
 
 Commands:
-  create               Create the TPU: on-demand (default), --spot, or --queued (a queued
+  preflight -- ARGS    Compile every program of the trainer ARGS for --accelerator-type on this
+                       machine (`python -m jaxtrace.compile`, libtpu, no TPU needed): exits 1,
+                       before anything is booked, if a program fails to compile or to fit HBM.
+  create [-- ARGS]     Create the TPU: on-demand (default), --spot, or --queued (a queued
                        resource; waits until it is provisioned). Needs --accelerator-type.
+                       With trainer ARGS it runs preflight first (--no-preflight skips it).
   setup                Copy the code to every worker and make a venv with `pip install .[tpu,...]`
                        (with uv: TPU images ship Python 3.10, jaxtrace needs >= 3.11).
   run -- ARGS          Copy the code, kill stale TPU holders (processes, /tmp/libtpu_lockfile),
@@ -51,6 +55,7 @@ Options (flags win over the env file; the env file's variable is shown in bracke
   --version V            TPU runtime version (default by type) [TPU_VERSION]
   --spot / --queued      spot capacity / a queued resource     [TPU_SPOT, TPU_QUEUED]
   --on-demand            neither spot nor queued
+  --no-preflight         create: skip the ahead-of-time compile check  [TPU_PREFLIGHT=0]
   --qr-name NAME         queued-resource name                  [TPU_QR_NAME, default NAME-qr]
   --code-dir DIR         local code to copy (default: repo)    [TPU_CODE_DIR]
   --worker N|all         worker for logs / ssh (default 0)
@@ -62,6 +67,7 @@ Options (flags win over the env file; the env file's variable is shown in bracke
 See launch/env.example for the other variables (venv, extras, setup hook, trainer env).
 
 Examples:
+  launch/tpu_vm.sh preflight --accelerator-type=v5p-8 -- --config=configs/qwen3_1p7b_trace.py
   launch/tpu_vm.sh --env launch/env create --accelerator-type=v5p-64 --spot
   launch/tpu_vm.sh setup
   launch/tpu_vm.sh run -- --config=configs/qwen3_1p7b_trace.py --config.workdir=gs://B/runs/x
@@ -126,6 +132,8 @@ TPU_VENV=${TPU_VENV:-jaxtrace_venv}
 TPU_LOG_DIR=${TPU_LOG_DIR:-jaxtrace_logs}
 TPU_INSTALLER=${TPU_INSTALLER:-uv}
 TPU_PYTHON=${TPU_PYTHON:-3.12}
+TPU_PREFLIGHT=${TPU_PREFLIGHT:-1}
+TPU_LOCAL_PYTHON=${TPU_LOCAL_PYTHON:-python3}  # runs the preflight compile on this machine
 TPU_PIP_EXTRAS=${TPU_PIP_EXTRAS:-tpu,data}
 TPU_EXTRA_PIP=${TPU_EXTRA_PIP-tokenizers huggingface_hub}
 TPU_SETUP_EXTRA=${TPU_SETUP_EXTRA:-}
@@ -203,6 +211,7 @@ parse_args() {
       --spot) TPU_SPOT=1 ;;
       --queued) TPU_QUEUED=1 ;;
       --on-demand) TPU_SPOT=0 TPU_QUEUED=0 ;;
+      --no-preflight) TPU_PREFLIGHT=0 ;;
       --follow | -f) FOLLOW=1 ;;
       --*=*)
         local flag=${1%%=*}
@@ -319,6 +328,18 @@ need_trainer_args() {
   local a
   for a in "${ARGS[@]}"; do [[ $a == --config=* || $a == --config ]] && return 0; done
   die "trainer arguments must include --config=configs/<name>.py"
+}
+
+preflight() {  # compile the trainer ARGS' programs for the accelerator type, here
+  local a compile_args=()
+  for a in "${ARGS[@]}"; do
+    case $a in --distributed | --distributed=* | --nodistributed) ;; *) compile_args+=("$a") ;; esac
+  done
+  info "preflight: compiling the run's programs for $TPU_ACCELERATOR_TYPE (jaxtrace.compile)"
+  x env -C "$TPU_CODE_DIR" "$TPU_LOCAL_PYTHON" -m jaxtrace.compile \
+    --topology="$TPU_ACCELERATOR_TYPE" "${compile_args[@]}" ||
+    fail "preflight: the run does not compile or fit on $TPU_ACCELERATOR_TYPE (see the table" \
+      "above); nothing was created (--no-preflight to create anyway)"
 }
 
 # --------------------------------------------------------------------------- gcloud commands
@@ -644,19 +665,30 @@ cmd_status() {  # under --dry-run only the queries are shown
 main() {
   load_env_file "$@"
   parse_args "$@"
-  [[ -n $CMD ]] || die "missing command: one of create, setup, run, logs, ssh, status, delete, babysit"
+  [[ -n $CMD ]] || die "missing command: one of preflight, create, setup, run, logs, ssh, status, delete, babysit"
   case $CMD in
-    create | setup | run | logs | ssh | status | delete | babysit) ;;
-    *) die "unknown command: $CMD (expected create, setup, run, logs, ssh, status, delete, babysit)" ;;
+    preflight | create | setup | run | logs | ssh | status | delete | babysit) ;;
+    *) die "unknown command: $CMD (expected preflight, create, setup, run, logs, ssh, status, delete, babysit)" ;;
   esac
-  if ((HAVE_DASHDASH)) && [[ $CMD != run && $CMD != babysit && $CMD != ssh ]]; then
+  if ((HAVE_DASHDASH)) && [[ $CMD != run && $CMD != babysit && $CMD != ssh && $CMD != preflight && $CMD != create ]]; then
     die "$CMD takes no arguments after --"
   fi
   finalize_config
   ((DRY_RUN)) || exec 3>&2
   case $CMD in
+    preflight)
+      need_accelerator
+      need_trainer_args
+      preflight
+      ;;
     create)
       need_accelerator
+      if ((${#ARGS[@]})); then
+        need_trainer_args
+        ((TPU_PREFLIGHT)) && preflight
+      else
+        info "no trainer arguments after --: preflight skipped (create -- --config=... checks first)"
+      fi
       create_tpu
       if ((TPU_QUEUED)); then wait_ready || fail "the queued resource did not become READY"; fi
       ;;

@@ -878,3 +878,40 @@ def test_an_explicit_distributed_choice_is_kept(tmp_path, env_file):
             )[-1]
         )
         assert f"-m jaxtrace.train --config=c.py {flag};" in launch
+
+
+# --------------------------------------------------------------------------------- preflight
+def test_preflight_runs_the_aot_compile_here(tmp_path, env_file):
+    (cmd,) = dry(
+        tmp_path, env_file, "preflight", "--accelerator-type=v5p-8", "--",
+        "--config=configs/qwen3_1p7b_trace.py", "--distributed",
+    )  # fmt: skip
+    assert cmd[:3] == ["env", "-C", str(SCRIPT.parent.parent)]
+    assert cmd[3:] == [
+        "python3", "-m", "jaxtrace.compile", "--topology=v5p-8",
+        "--config=configs/qwen3_1p7b_trace.py",
+    ]  # fmt: skip
+
+
+def test_create_runs_preflight_first_unless_told_not_to(tmp_path, env_file):
+    args = ["create", "--accelerator-type=v5p-8", "--", "--config=configs/qwen3_1p7b_trace.py"]
+    cmds = dry(tmp_path, env_file, *args)
+    assert [c[3:6] for c in cmds[:1]] == [["python3", "-m", "jaxtrace.compile"]]
+    assert cmds[1][:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
+    cmds = dry(tmp_path, env_file, "--no-preflight", *args)
+    assert len(cmds) == 1 and cmds[0][0] == "gcloud"
+
+
+def test_failed_preflight_creates_nothing(tmp_path, env_file):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gcloud-was-called"
+    (bin_dir / "gcloud").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (bin_dir / "python3").write_text("#!/bin/sh\necho 'rl_step  does not fit'\nexit 1\n")
+    for f in ("gcloud", "python3"):
+        (bin_dir / f).chmod(0o755)
+    r = _script(
+        "create", "--accelerator-type=v5p-8", "--", "--config=configs/qwen3_1p7b_trace.py",
+        env_file=env_file, tmp_path=tmp_path, bin_dir=bin_dir,
+    )  # fmt: skip
+    assert r.returncode == 1 and "preflight" in r.stderr and not marker.exists()

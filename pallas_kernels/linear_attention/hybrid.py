@@ -14,10 +14,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import _mesh
 from pallas_kernels.linear_attention import api, reference, sliding_window
 
 f32 = jnp.float32
+KERNELS = ("pallas_tpu", "pallas_gpu", "interpret")  # run under shard_map on a mesh
 DEFAULT_BLOCK = 64
 
 
@@ -123,8 +126,37 @@ def hybrid_attention(
       implementation: as in `linear_attention` ("reference" is the naive O(T^2) one).
     Returns: o [B, T, H, Dv] in q.dtype.
     """
-    return _hybrid(q, k, v, q_lin, k_lin, log_g, window, alpha, beta, scale, chunk_size,
-                   block_size, implementation)[0]  # fmt: skip
+
+    def local(q, k, v, q_lin, k_lin, log_g, alpha, beta):
+        return _hybrid(q, k, v, q_lin, k_lin, log_g, window, alpha, beta, scale, chunk_size,
+                       block_size, implementation)[0]  # fmt: skip
+
+    args = (q, k, v, q_lin, k_lin, log_g, jnp.asarray(alpha, f32), jnp.asarray(beta, f32))
+    mesh = _mesh.context_mesh() if implementation in KERNELS else None
+    if mesh is None:
+        return local(*args)
+    return _batch_sharded(local, mesh, args, num_mixing=2)
+
+
+def _batch_sharded(local, mesh, args, num_mixing):
+    """`local` on each device's rows (B split over every mesh axis that divides it; the last
+    `num_mixing` args are per-head mixing weights, replicated): Mosaic / Triton kernels cannot be
+    partitioned by XLA, so on a mesh they run under shard_map."""
+    rows = _mesh.split_axes(mesh, args[0].shape[0])
+    entry = _mesh.spec_entry(rows)
+    spec = lambda x: P(entry, *([None] * (x.ndim - 1)))
+    split = args[: len(args) - num_mixing]
+    present = [i for i, x in enumerate(split) if x is not None]
+
+    def body(*xs):
+        full = list(split)
+        for i, x in zip(present, xs[: len(present)]):
+            full[i] = x
+        return local(*full, *xs[len(present) :])
+
+    in_specs = tuple(spec(split[i]) for i in present) + (P(),) * num_mixing
+    fn = _mesh.shard_map(body, mesh, in_specs, spec(args[0]))
+    return fn(*(split[i] for i in present), *args[len(args) - num_mixing :])
 
 
 def hybrid_attention_prefill(

@@ -4,9 +4,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import _mesh
 from pallas_kernels.moe_dispatch import routing
 from pallas_kernels.moe_dispatch.gmm import gmm
+
+KERNELS = ("pallas_tpu", "pallas_gpu", "interpret")  # run under shard_map on a mesh
 
 
 class MoEStats(NamedTuple):
@@ -79,6 +83,33 @@ def expert_ffn_sorted(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExF
     return gmm(hidden_MxF, w_down_ExFxD, group_sizes_E, preferred_element_type=f32, **gmm_kw)
 
 
+def _moe_ffn_sharded(mesh, x, weights, ids, w_gate, w_up, w_down, **kw):
+    """`moe_ffn` with a Pallas grouped matmul on a mesh (Mosaic / Triton kernels cannot be
+    partitioned by XLA): tokens split over every mesh axis that divides them; with an `expert`
+    axis the experts are split over it (`moe_ffn_expert_parallel`), else each device gathers
+    every expert's weights, as FSDP gathers any weight, and dispatches its own tokens."""
+    from pallas_kernels.moe_dispatch.expert_parallel import moe_ffn_expert_parallel
+
+    ep = mesh.shape.get("expert", 1)
+    tokens = _mesh.split_axes(mesh, x.shape[0])
+    if ep > 1 and w_gate.shape[0] % ep == 0 and kw["capacity_factor"] is None:
+        return moe_ffn_expert_parallel(
+            x, weights, ids, w_gate, w_up, w_down, mesh=mesh, token_axes=tokens,
+            implementation=kw["implementation"], tiling=kw["tiling"], check_vma=False,
+        )  # fmt: skip
+    tok = P(_mesh.spec_entry(tokens))
+
+    def local(x, weights, ids, w_gate, w_up, w_down):
+        y, stats = moe_ffn(x, (weights, ids), w_gate, w_up, w_down, **kw)
+        total = lambda c: jax.lax.psum(c, tokens) if tokens else c
+        return y, MoEStats(*(total(c) for c in stats))
+
+    in_specs = (tok, tok, tok, P(), P(), P())
+    stats_specs = MoEStats(P(), P(), P())
+    fn = _mesh.shard_map(local, mesh, in_specs, (tok, stats_specs))
+    return fn(x, weights, ids, w_gate, w_up, w_down)
+
+
 def moe_ffn(
     x_TxD,
     routing_in,
@@ -113,6 +144,12 @@ def moe_ffn(
     topk_weights_TxK, topk_ids_TxK = resolve_routing(
         routing_in, num_tokens, num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob
     )
+    mesh = _mesh.context_mesh() if implementation in KERNELS else None
+    if mesh is not None and valid_TxK is None:
+        return _moe_ffn_sharded(
+            mesh, x_TxD, topk_weights_TxK, topk_ids_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+            implementation=implementation, capacity_factor=capacity_factor, tiling=tiling,
+        )  # fmt: skip
     capacity = routing.expert_capacity(
         num_tokens, topk_ids_TxK.shape[1], num_experts, capacity_factor
     )

@@ -39,9 +39,11 @@ def _to_varying(x, axis):
     return jax.lax.pvary(x, (axis,))
 
 
-def _shard_map(f, mesh, in_specs, out_specs):
+def _shard_map(f, mesh, in_specs, out_specs, check_vma=True):
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.shard_map(
+            f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
+        )
     from jax.experimental.shard_map import shard_map
 
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
@@ -60,6 +62,7 @@ def moe_ffn_expert_parallel(
     token_axes=None,
     implementation=None,
     tiling=None,
+    check_vma=True,
 ):
     """`moe_ffn` with the E dim of the weights sharded over `mesh.shape[expert_axis]` devices.
 
@@ -68,6 +71,8 @@ def moe_ffn_expert_parallel(
         `token_axes` (default: `(expert_axis,)`; add data axes, e.g. ("data", "expert"), for
         DP x EP). T must divide by the product of those axis sizes.
       w_*: expert weights; E must divide by the expert-axis size.
+      check_vma: False for Pallas implementations (a pallas_call's outputs carry no
+        varying-axes type); autodiff then sums the cotangents of replicated inputs itself.
     Returns:
       (y_TxD sharded like x, MoEStats summed over the whole mesh).
     """
@@ -90,7 +95,7 @@ def moe_ffn_expert_parallel(
     tokens_sharded_on_expert = expert_axis in token_axes
 
     def local(x, weights, ids, w_gate, w_up, w_down):
-        if not tokens_sharded_on_expert:
+        if not tokens_sharded_on_expert and check_vma:
             # Tokens replicated over the expert axis: type them as varying before the dispatch
             # so autodiff sums the per-expert-group input gradients at this one cast (leaving it
             # implicit gave wrong x gradients through the gather on jax 0.10).
@@ -134,6 +139,6 @@ def moe_ffn_expert_parallel(
     in_specs = (tokens, tokens, tokens, experts, experts, experts)
     args = (x_TxD, topk_weights_TxK, topk_ids_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     y_TxD, tokens_per_expert_E, kept_per_expert_E = _shard_map(
-        local, mesh, in_specs=in_specs, out_specs=(tokens, P(), P())
+        local, mesh, in_specs=in_specs, out_specs=(tokens, P(), P()), check_vma=check_vma
     )(*_reshard(args, in_specs, mesh))
     return y_TxD, MoEStats(tokens_per_expert_E, kept_per_expert_E, jnp.zeros((), jnp.int32))

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _mesh
 from pallas_kernels.moe_dispatch import reference
 
 IMPLEMENTATIONS = (
@@ -33,7 +34,7 @@ def _resolve(implementation):
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     implementation = implementation or default_implementation()
     if implementation == "xla":
-        return "xla_blocked" if jax.default_backend() == "cpu" else "xla_ragged"
+        return "xla_blocked" if _mesh.target_platform() == "cpu" else "xla_ragged"
     return implementation
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _mesh, _precision
 from pallas_kernels.moe_dispatch.tiling import visit_tables
 
 DEFAULT_TILING = (512, 512, 512)  # (tm, tk, tn): three f32 512x512 tiles double-buffered < 16 MiB
@@ -37,8 +38,12 @@ def _fit_tiling(tiling, m, k, n, dtype):
 
 def _interpret_params(interpret):
     # The TPU interpreter fills uninitialised buffers with NaN and raises on out-of-bounds reads,
-    # so a tile the kernel forgets to write shows up in the tests.
-    return pltpu.InterpretParams() if interpret else False
+    # so a tile the kernel forgets to write shows up in the tests. Under shard_map on CPU devices
+    # it deadlocks (its cross-device barriers wait on devices that run other grids), so there
+    # the plain HLO interpreter runs the kernel.
+    if not interpret:
+        return False
+    return True if _mesh.inside_shard_map() else pltpu.InterpretParams()
 
 
 def _pad_to(x, shape):
@@ -71,9 +76,11 @@ def _gmm_kernel(
         mask = _row_mask(m_tile, starts_ref, ends_ref, g, acc_ref.shape[0])
         lhs = jnp.where(mask, lhs_ref[...], jnp.zeros((), lhs_ref.dtype))
         contract = 1 if transpose_rhs else 0
+        lhs, rhs = _precision.same_dtype(lhs, rhs_ref[...])
         acc_ref[...] += jax.lax.dot_general(
-            lhs, rhs_ref[...], (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
-        )
+            lhs, rhs, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32,
+            precision=_precision.mxu(lhs, rhs),
+        )  # fmt: skip
 
     @pl.when(active & last_of_tile & (k == pl.num_programs(2) - 1))
     def _():
@@ -144,9 +151,11 @@ def _tgmm_kernel(
     def _():
         mask = _row_mask(m_tile, starts_ref, ends_ref, g, lhs_ref.shape[0])
         lhs = jnp.where(mask, lhs_ref[...], jnp.zeros((), lhs_ref.dtype))
+        lhs, grad = _precision.same_dtype(lhs, grad_ref[...])
         acc_ref[...] += jax.lax.dot_general(
-            lhs, grad_ref[...], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
+            lhs, grad, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+            precision=_precision.mxu(lhs, grad),
+        )  # fmt: skip
 
     @pl.when(active & last_of_group)
     def _():

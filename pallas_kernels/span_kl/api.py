@@ -12,12 +12,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import _mesh
 from pallas_kernels.span_kl import reference, xla
 
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu", "interpret", "reference")
-# (block_t, block_v) per implementation: big XLA tiles keep CPU matmuls efficient; TPU tiles fit
-# VMEM with full D up to 8k; GPU tiles suit one Triton program.
+KERNELS = ("pallas_tpu", "pallas_gpu", "interpret")  # run through shard_map on a mesh
+# (block_t, block_v) per implementation: big XLA tiles keep CPU matmuls efficient; TPU tiles are
+# chosen per chip from its VMEM (kernel_tpu.choose_blocks; these are the fallbacks); GPU tiles
+# suit one Triton program.
 DEFAULT_BLOCKS = {
     "xla": (512, 4096),
     "pallas_tpu": (256, 512),
@@ -34,8 +38,9 @@ class _Config(NamedTuple):
 
 
 def default_implementation():
-    """Best implementation for `jax.default_backend()`: Pallas on TPU/GPU, chunked XLA on CPU."""
-    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
+    """Best implementation for the target platform (`_mesh.target_platform`): Pallas on TPU/GPU,
+    chunked XLA on CPU."""
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(_mesh.target_platform(), "xla")
 
 
 def _check_2d(name, x, dims):
@@ -54,11 +59,18 @@ def _check_ids(name, x, num_tokens):
         )
 
 
-def _resolve(implementation, block_t, block_v, num_tokens, num_vocab):
+def _resolve(implementation, block_t, block_v, num_tokens, num_vocab, tpu_tiles=None):
+    """`tpu_tiles`: (D, itemsize, teacher_is_logits), to size Pallas TPU blocks to the VMEM of
+    the chip being compiled for when the caller gives none."""
     impl = default_implementation() if implementation is None else implementation
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {impl!r}")
     default_t, default_v = DEFAULT_BLOCKS[impl]
+    if impl in ("pallas_tpu", "interpret") and tpu_tiles and (block_t is None or block_v is None):
+        from pallas_kernels.span_kl import kernel_tpu
+
+        d, itemsize, is_logits = tpu_tiles
+        default_t, default_v = kernel_tpu.choose_blocks(d, itemsize, _mesh.vmem_bytes(), is_logits)
     block_t = default_t if block_t is None else block_t
     block_v = default_v if block_v is None else block_v
     for name, value in (("block_t", block_t), ("block_v", block_v)):
@@ -205,7 +217,9 @@ def span_kl(
         _check_2d("h_teacher_TxD", h_teacher_TxD, (num_tokens, d))
     else:
         _check_2d("teacher_logits_TxV", teacher_logits_TxV, (num_tokens, num_vocab))
-    cfg = _resolve(implementation, block_t, block_v, num_tokens, num_vocab)
+    dtype = jnp.result_type(h_student_TxD, w_DxV)
+    tpu_tiles = (d, jnp.dtype(dtype).itemsize, teacher_logits_TxV is not None)
+    cfg = _resolve(implementation, block_t, block_v, num_tokens, num_vocab, tpu_tiles)
     if cfg.implementation == "reference":
         return reference.span_kl(
             h_student_TxD,
@@ -216,7 +230,36 @@ def span_kl(
         )
     if num_tokens == 0:
         return jnp.zeros((0,), jnp.float32)
+    mesh = _mesh.context_mesh() if cfg.implementation in KERNELS else None
+    local = functools.partial(_span_kl_local, cfg, compact)
+    if mesh is None:
+        return local(h_student_TxD, w_DxV, route_T, h_teacher_TxD, teacher_logits_TxV)
+    return _token_sharded(
+        local, mesh, h_student_TxD, w_DxV, route_T, h_teacher_TxD, teacher_logits_TxV
+    )
 
+
+def _token_sharded(local, mesh, h_s, w, route, h_t, tl):
+    """`local` on each device's share of the tokens (split over every mesh axis that divides
+    T), with W gathered whole; the Mosaic kernels cannot be partitioned by XLA."""
+    axes = _mesh.split_axes(mesh, h_s.shape[0])
+    tok = _mesh.spec_entry(axes)
+    args = [(h_s, P(tok, None)), (w, P()), (route, P(tok)), (h_t, P(tok, None)), (tl, P(tok, None))]
+    present = [(i, a, spec) for i, (a, spec) in enumerate(args) if a is not None]
+
+    def body(*xs):
+        full = [None] * len(args)
+        for (i, _, _), x in zip(present, xs):
+            full[i] = x
+        return local(*full)
+
+    fn = _mesh.shard_map(body, mesh, tuple(p for _, _, p in present), P(tok))
+    return fn(*(a for _, a, _ in present))
+
+
+def _span_kl_local(cfg, compact, h_student_TxD, w_DxV, route_T, h_teacher_TxD, teacher_logits_TxV):
+    """`span_kl` on one device's tokens (the whole op when there is no mesh)."""
+    num_tokens = h_student_TxD.shape[0]
     dtype = jnp.result_type(h_student_TxD, w_DxV)
     h_s, w = h_student_TxD.astype(dtype), w_DxV.astype(dtype)
     h_t = None if h_teacher_TxD is None else jax.lax.stop_gradient(h_teacher_TxD).astype(dtype)

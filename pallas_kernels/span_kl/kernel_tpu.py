@@ -9,7 +9,7 @@ steps past n_active do no work, and their index maps repeat the last block so no
 Outputs of skipped blocks are left unwritten; the caller masks them by route. T must be a
 multiple of block_t (the caller pads tokens, which is cheap); V need not be a multiple of
 block_v: edge columns are masked in-kernel, edge W columns zeroed before they meet dlogits.
-Full D sits in each block, fine for D <= 8k at the default block sizes.
+Full D sits in each block; `choose_blocks` picks the blocks from the target chip's VMEM.
 """
 
 import functools
@@ -20,17 +20,51 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _mesh, _precision
 from pallas_kernels.span_kl import tiles
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 
 
-def _compiler_params(block_t, block_v, d, itemsize):
-    # Double-buffered h (x2 for the teacher), W and a float32 [bt, bv] working set, with slack.
-    need = 2 * (2 * block_t * d + d * block_v) * itemsize + 8 * block_t * block_v * 4
-    need += d * block_v * 4 + block_t * d * 4
-    vmem = int(min(max(2 * need, 32 << 20), 100 << 20))
+# Token / vocabulary blocks in order of preference; the first whose working set fits the
+# chip's VMEM is used (`choose_blocks`). (256, 512) is the measured CPU-interpret default and fits
+# every current chip at D <= 1024; v4 (16 MiB of VMEM) needs smaller tiles at Qwen3 widths.
+BLOCK_CANDIDATES = (
+    (256, 512), (256, 256), (128, 512), (128, 256), (128, 128), (64, 256), (64, 128), (32, 128),
+    (16, 128),
+)  # fmt: skip
+_ROW_BYTES = 128 * 4  # a [bt, 1] float32 column occupies a full 128-lane row per token in VMEM
+
+
+def vmem_need(block_t, block_v, d, itemsize, teacher_is_logits=False):
+    """Bytes of VMEM the largest of the three kernels holds at these blocks (an upper bound)."""
+    teacher = block_t * block_v * itemsize if teacher_is_logits else block_t * d * itemsize
+    inputs = 2 * (block_t * d * itemsize + teacher + d * block_v * itemsize)  # double-buffered
+    rows = (2 * 8 + 6) * block_t * _ROW_BYTES  # 5 in + 3 out rows (x2 buffers), 6 state columns
+    dh = 3 * block_t * d * 4  # output (x2) + float32 accumulator
+    dw = 2 * d * block_v * itemsize + d * block_v * 4
+    work = 6 * block_t * block_v * 4  # float32 logits, exps and dlogits tiles
+    return inputs + rows + max(dh, dw) + work
+
+
+def choose_blocks(d, itemsize, vmem_capacity, teacher_is_logits=False, fraction=0.75):
+    """(block_t, block_v): the first of BLOCK_CANDIDATES that fits `fraction` of the VMEM."""
+    for bt, bv in BLOCK_CANDIDATES:
+        if vmem_need(bt, bv, d, itemsize, teacher_is_logits) <= fraction * vmem_capacity:
+            return bt, bv
+    need = vmem_need(*BLOCK_CANDIDATES[-1], d, itemsize, teacher_is_logits)
+    raise ValueError(
+        f"span_kl: hidden size D={d} does not fit {vmem_capacity / 2**20:.0f} MiB of VMEM even "
+        f"at the smallest blocks {BLOCK_CANDIDATES[-1]} ({need / 2**20:.1f} MiB)"
+    )
+
+
+def _compiler_params(block_t, block_v, d, itemsize, teacher_is_logits=False):
+    # Ask for what the blocks need plus slack, never more than the chip has.
+    capacity = _mesh.vmem_bytes()
+    need = vmem_need(block_t, block_v, d, itemsize, teacher_is_logits)
+    vmem = int(min(max(1.5 * need, 16 << 20), 0.9 * capacity))
     params_cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     return params_cls(dimension_semantics=("arbitrary", "arbitrary"), vmem_limit_bytes=vmem)
 
@@ -41,11 +75,13 @@ def _valid_cols(j, block_v, num_vocab):
 
 def _logits(hs_ref, tin_ref, w_ref, teacher_is_logits):
     w = w_ref[...]
-    s = jnp.dot(hs_ref[...], w, preferred_element_type=jnp.float32)
+    h = hs_ref[...]
+    s = jnp.dot(h, w, preferred_element_type=jnp.float32, precision=_precision.mxu(h, w))
     if teacher_is_logits:
         t = tin_ref[...].astype(jnp.float32)
     else:
-        t = jnp.dot(tin_ref[...], w, preferred_element_type=jnp.float32)
+        tin = tin_ref[...]
+        t = jnp.dot(tin, w, preferred_element_type=jnp.float32, precision=_precision.mxu(tin, w))
     return w, s, t
 
 
@@ -106,7 +142,9 @@ def _dh_kernel(
         valid = _valid_cols(j, block_v, num_vocab)
         ds = _dlogits(s, t, rows, valid).astype(w.dtype)
         w = jnp.where(valid, w, jnp.zeros_like(w))  # edge columns of W may hold garbage
-        acc_ref[...] += lax.dot_general(ds, w, _NT, preferred_element_type=jnp.float32)
+        acc_ref[...] += lax.dot_general(
+            ds, w, _NT, preferred_element_type=jnp.float32, precision=_precision.mxu(ds, w)
+        )
 
         @pl.when(j == pl.num_programs(1) - 1)
         def _():
@@ -128,7 +166,9 @@ def _dw_kernel(
         _, s, t = _logits(hs_ref, tin_ref, w_ref, teacher_is_logits)
         h = hs_ref[...]
         ds = _dlogits(s, t, rows, _valid_cols(j, block_v, num_vocab)).astype(h.dtype)
-        acc_ref[...] += lax.dot_general(h, ds, _TN, preferred_element_type=jnp.float32)
+        acc_ref[...] += lax.dot_general(
+            h, ds, _TN, preferred_element_type=jnp.float32, precision=_precision.mxu(h, ds)
+        )
 
     @pl.when(i == pl.num_programs(1) - 1)
     def _():
@@ -197,7 +237,7 @@ def kl_forward(h_TxD, w_DxV, teacher, route_Tx1, blocks, n_active, *, bt, bv, in
     )
     col = jax.ShapeDtypeStruct((num_tokens, 1), jnp.float32)
     scratch = [pltpu.VMEM((bt, 1), jnp.float32)] * tiles.KL_STATE
-    params = _compiler_params(bt, bv, d, h_TxD.dtype.itemsize)
+    params = _compiler_params(bt, bv, d, h_TxD.dtype.itemsize, is_logits)
     return _call(
         kernel,
         (nt, nv),
@@ -223,7 +263,7 @@ def kl_backward(h_TxD, w_DxV, teacher, residual_rows, blocks, n_active, *, bt, b
     is_logits = kind == "logits"
     nt, nv = num_tokens // bt, pl.cdiv(num_vocab, bv)
     statics = dict(num_vocab=num_vocab, block_v=bv, teacher_is_logits=is_logits)
-    params = _compiler_params(bt, bv, d, h_TxD.dtype.itemsize)
+    params = _compiler_params(bt, bv, d, h_TxD.dtype.itemsize, is_logits)
     args = (blocks, n_active, h_TxD, tin, w_DxV, *residual_rows)
 
     in_specs, _, h_map, _ = _specs(d, bt, bv, nv, is_logits, token_axis=0, n_rows=5)

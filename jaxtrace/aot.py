@@ -1,0 +1,279 @@
+"""Ahead-of-time compilation of a run's programs for a device mesh, from abstract values.
+
+`programs(config, mesh)` builds the jitted functions the trainer runs (the same constructors:
+`steps.make_rl_step`, `make_generate`, ...) with the config's real shapes, as
+`jax.ShapeDtypeStruct`s carrying the shardings the trainer gives them; nothing is allocated.
+`compile_program` lowers and compiles one for the mesh's devices (a TPU topology from libtpu,
+see `jaxtrace.tpu_topology`, or local devices) and reads XLA's memory and cost analyses.
+`jaxtrace.compile` is the CLI around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxtrace import evaluation, sharding, steps
+from jaxtrace.config import model_config
+from jaxtrace.models import abstract_model
+from jaxtrace.rollout import make_generate
+
+# Token ids do not change a program's shapes; compile with stand-ins.
+_EOS, _PAD = 1, 0
+
+
+# Run-time inputs that no program's shape depends on: the compile never reads them, so a config
+# may leave them unset (they are given on the training command line).
+_NOT_READ = {
+    "data.train_path": "<not read by compile>",
+    "algo.api_base_url": "http://localhost",
+    "algo.api_model": "<not read by compile>",
+    "algo.annotation_file": "<not read by compile>",
+}
+
+
+def with_placeholders(config):
+    """A copy of `config` with the run-time-only inputs that are unset filled in."""
+    config = config.copy_and_resolve_references()
+    for dotted, value in _NOT_READ.items():
+        section, key = dotted.split(".")
+        if not config[section][key]:
+            config[section][key] = value
+    return config
+
+
+@dataclasses.dataclass
+class Program:
+    name: str
+    fn: object  # a jax.jit-wrapped function
+    args: tuple  # abstract args (ShapeDtypeStruct with sharding) and static values
+    what: str  # one line for the table
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    status: str  # "ok" | "does not fit" | "error"
+    message: str = ""
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak per-device HBM as XLA counts it: arguments + outputs not aliased to an argument
+        (donated buffers are reused) + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def abstract_state(model_cfg, optimizer, mesh):
+    """{"params", "opt_state", "step"} as the trainer holds it: params in their logical-axis
+    shardings, optimizer moments like their params, counters replicated (`place_state`)."""
+    _, shapes = abstract_model(model_cfg)
+    params = _abstract(shapes, sharding.param_shardings(model_cfg, mesh))
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    rep = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda p, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding),
+        opt_shapes,
+        params,
+        transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+    )
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def _rows(mesh, shape, dtype, split=True):
+    """An [rows, ...] array split over the data axes (as `sharding.shard_batch`), or replicated
+    when the rows do not divide (as `sharding.shard_rows`)."""
+    divisible = shape[0] % sharding.data_parallel_size(mesh) == 0
+    s = (
+        sharding.batch_sharding(mesh, len(shape))
+        if split and divisible
+        else NamedSharding(mesh, PartitionSpec())
+    )
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+
+
+def rl_batch(config, mesh, teacher: bool):
+    """The RL step's batch (`rl.build_batch` after `sharding.shard_step_batch`): G prompts,
+    R = G * k responses of width N, the privileged prompts (width Q, one per response)."""
+    r = config.rollout
+    g, k = r.prompts_per_step, r.group_size
+    rows, p, n, q = g * k, r.max_prompt_len, r.max_new_tokens, r.max_privileged_len
+    batch = {
+        "prompt": _rows(mesh, (g, p), jnp.int32),
+        "prompt_valid": _rows(mesh, (g, p), jnp.bool_),
+        "response": _rows(mesh, (rows, n), jnp.int32),
+        "response_mask": _rows(mesh, (rows, n), jnp.bool_),
+        "advantages": _rows(mesh, (rows,), jnp.float32),
+        "route": _rows(mesh, (rows, n), jnp.int32),
+    }
+    if teacher:
+        batch["privileged"] = _rows(mesh, (rows, q), jnp.int32)
+        batch["privileged_valid"] = _rows(mesh, (rows, q), jnp.bool_)
+    return batch
+
+
+def sft_batch(config, mesh):
+    """A supervised batch (`trainer.sft_batches`); the privileged width Q, the larger prompt."""
+    b, q, n = (
+        config.sft.batch_size,
+        config.rollout.max_privileged_len,
+        config.rollout.max_new_tokens,
+    )
+    return {
+        "prompt": _rows(mesh, (b, q), jnp.int32),
+        "prompt_valid": _rows(mesh, (b, q), jnp.bool_),
+        "response": _rows(mesh, (b, n), jnp.int32),
+        "response_mask": _rows(mesh, (b, n), jnp.bool_),
+    }
+
+
+def _rng(mesh):
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+
+
+def _sampler(graphdef, cfg, mesh, params, rows):
+    prompts = _rows(mesh, (rows, cfg.max_prompt_len), jnp.int32)
+    valid = _rows(mesh, (rows, cfg.max_prompt_len), jnp.bool_)
+    return make_generate(graphdef, cfg), (params, prompts, valid, _rng(mesh))
+
+
+def programs(config, mesh) -> list[Program]:
+    """Every program a run of `config` executes, with abstract arguments on `mesh`."""
+    from jaxtrace import trainer  # noqa: PLC0415 (trainer imports the heavy run-time pieces)
+
+    model_cfg = model_config(config)
+    graphdef, _ = abstract_model(model_cfg)
+    a, o, r = config.algo, config.optim, config.rollout
+    optimizer = steps.make_optimizer(o.lr, o.warmup_steps, o.grad_clip, o.weight_decay, o.b1, o.b2)
+    state = abstract_state(model_cfg, optimizer, mesh)
+    lam = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    rl_step = steps.make_rl_step(graphdef, optimizer, trainer.loss_config(config))
+    g, k = r.prompts_per_step, r.group_size
+    shape = f"{g}x{k} rows, P={r.max_prompt_len} N={r.max_new_tokens}"
+    out = []
+    if config.sft.steps > 0 and not config.init_from:
+        sft_opt = steps.make_optimizer(
+            config.sft.lr, config.sft.warmup_steps, o.grad_clip, 0.0, o.b1, o.b2
+        )
+        sft_state = abstract_state(model_cfg, sft_opt, mesh)
+        out.append(
+            Program(
+                "sft_step",
+                steps.make_sft_step(graphdef, sft_opt),
+                (sft_state, sft_batch(config, mesh)),
+                f"{config.sft.batch_size} rows, Q={r.max_privileged_len} N={r.max_new_tokens}",
+            )
+        )
+    teacher_modes = trainer.teacher_phases(config)
+    for teacher in teacher_modes:
+        name = "rl_step+teacher" if teacher else "rl_step"
+        batch = rl_batch(config, mesh, teacher)
+        what = shape + (f" Q={r.max_privileged_len}" if teacher else "")
+        out.append(Program(name, rl_step, (state, batch, lam, teacher), what))
+    if a.name == "trace" and a.annotator == "divergence":
+        fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
+        out.append(
+            Program(
+                "divergence",
+                fn,
+                (state["params"], rl_batch(config, mesh, True)),
+                shape + f" Q={r.max_privileged_len}",
+            )
+        )
+    sampling = trainer.rollout_sampling(config, (_EOS,), _PAD)
+    fn, args = _sampler(graphdef, sampling, mesh, state["params"], g)
+    out.append(
+        Program(
+            "sampler", fn, args, f"{g} prompts x {k}, P={r.max_prompt_len} N={r.max_new_tokens}"
+        )
+    )
+    e = config.eval
+    eval_cfg = evaluation.sampling_config(
+        r.max_prompt_len, r.max_new_tokens, e.num_samples, e.temperature, _EOS, _PAD
+    )
+    rows = evaluation.batch_rows(e.batch_size, None, mesh)
+    fn, args = _sampler(graphdef, eval_cfg, mesh, state["params"], rows)
+    out.append(
+        Program(
+            "eval_sampler",
+            fn,
+            args,
+            f"{rows} prompts x {eval_cfg.num_samples}, N={r.max_new_tokens}",
+        )
+    )
+    if a.annotator == "self":
+        cfg = trainer.self_annotation_sampling(r, _EOS, _PAD)
+        fn, args = _sampler(graphdef, cfg, mesh, state["params"], g * k)
+        out.append(
+            Program(
+                "self_annotate",
+                fn,
+                args,
+                f"{g * k} prompts, P={cfg.max_prompt_len} N={cfg.max_new_tokens}",
+            )
+        )
+    return out
+
+
+# XLA:TPU's words for "does not fit" (a verdict, not a compile error) and Mosaic's for VMEM.
+_HBM = (
+    re.compile(r"required for [\w ]+ \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)"),
+    re.compile(r"Used ([\d.]+\w?) of ([\d.]+\w?) hbm", re.I),
+)
+_VMEM = re.compile(r"Used ([\d.]+\w?) of ([\d.]+\w?) vmem", re.I)
+
+
+def compile_program(prog: Program, mesh) -> Result:
+    """Lower and compile `prog` for `mesh`'s devices (with the mesh set, so Pallas ops run under
+    shard_map); a failure is a Result, never an exception."""
+    t0 = time.perf_counter()
+    try:
+        with sharding.mesh_context(mesh):
+            compiled = prog.fn.lower(*prog.args).compile()
+    except Exception as e:  # noqa: BLE001 (XLA raises many types; all are reported)
+        text = str(e)
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+        status = "error"
+        hbm = next((m for m in (p.search(text) for p in _HBM) if m), None)
+        vmem = _VMEM.search(text)
+        if hbm:
+            status, first = "does not fit", f"needs {hbm.group(1)} of {hbm.group(2)} HBM (XLA)"
+        elif vmem:
+            first = f"VMEM overflow, used {vmem.group(1)} of {vmem.group(2)}: {first[:200]}"
+        return Result(prog.name, status, first[:300], compile_s=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else (cost or {})
+    return Result(
+        prog.name,
+        "ok",
+        argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0)),
+        output_bytes=int(getattr(mem, "output_size_in_bytes", 0)),
+        alias_bytes=int(getattr(mem, "alias_size_in_bytes", 0)),
+        temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        compile_s=seconds,
+    )

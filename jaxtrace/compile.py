@@ -1,0 +1,161 @@
+"""Compile every program a run executes for a TPU slice, ahead of time, from any machine:
+
+    python -m jaxtrace.compile --config=configs/qwen3_1p7b_trace.py --topology=v5p-8
+    python -m jaxtrace.compile --config=configs/qwen3_8b_trace.py:grpo --topology=v6e-64 \\
+        --config.rollout.prompts_per_step=16 --programs=rl_step,sampler
+
+The config and its `--config.<key>=<value>` overrides are the ones `jaxtrace.train` takes; the
+mesh comes from the config exactly as on the slice. Each program (SFT step, RL step with and
+without the teacher, divergence pass, rollout sampler, eval sampler, self-annotation sampler) is
+built by the trainer's own constructors at the config's shapes from abstract params (nothing is
+allocated) and compiled by XLA:TPU and Mosaic for the slice's chips (libtpu describes the
+topology; no TPU is needed). One table: compiled or the first error line, per-chip HBM
+(arguments, temporaries, total) against the chip's, XLA FLOPs per chip, compile seconds and a
+roofline time (max of FLOPs / peak and bytes / HBM bandwidth, from published chip figures).
+
+Exit codes: 0 every program compiled and fits; 1 some program failed to compile or does not
+fit; 2 bad flags, config or topology, or libtpu missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Compiling for a TPU needs libtpu, not a TPU: jax itself stays on the CPU (set before the config
+# file, which imports jax, is loaded), and libtpu is told what it describes (else it warns that
+# this host is no TPU VM) and that no chip is opened, so several compiles may run at once.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py[:variant]), as for jaxtrace.train.",
+    lock_config=True,
+)  # fmt: skip
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "TPU slice to compile for, as Google Cloud names it: v4-8, v5e-8 (= v5litepod-8), v5p-8, "
+    "v5p-64, v6e-8, v6e-64, ... (v4/v5p count TensorCores, v5e/v6e chips); or a libtpu "
+    "topology such as v5p:4x4x12.",
+)
+_PROGRAMS = flags.DEFINE_list(
+    "programs",
+    [],
+    "Only these programs (default: every program the run executes): sft_step, rl_step, "
+    "rl_step+teacher, divergence, sampler, eval_sampler, self_annotate.",
+)
+_JSON = flags.DEFINE_string("json", "", "Also write the results as JSON to this path.")
+flags.mark_flags_as_required(["config", "topology"])
+
+GiB = 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def table(results, chip) -> str:
+    from jaxtrace.metrics import table as fmt  # noqa: PLC0415
+
+    rows = []
+    for r in results:
+        row = {"program": r.name, "verdict": r.status if r.status != "error" else "error"}
+        if r.status == "ok":
+            fits = r.total_bytes <= chip.hbm_bytes
+            row["verdict"] = "fits" if fits else "does not fit"
+            roof = max(r.flops / chip.peak_flops, r.bytes_accessed / chip.hbm_bandwidth)
+            row.update(
+                {
+                    "args GiB": _gib(r.argument_bytes),
+                    "temp GiB": _gib(r.temp_bytes),
+                    "total GiB": f"{_gib(r.total_bytes)} / {_gib(chip.hbm_bytes)}",
+                    "TFLOP/chip": f"{r.flops / 1e12:.2f}",
+                    "roofline s": f"{roof:.3f}",
+                }
+            )
+        else:
+            row["total GiB"] = r.message
+        row["compile s"] = f"{r.compile_s:.1f}"
+        rows.append(row)
+    cols = ["program", "verdict", "args GiB", "temp GiB", "total GiB", "TFLOP/chip"]
+    return fmt(rows, cols + ["roofline s", "compile s"])
+
+
+def main(argv):
+    del argv
+    from jaxtrace import tpu_topology  # noqa: PLC0415
+
+    try:
+        topo = tpu_topology.parse(_TOPOLOGY.value)
+    except tpu_topology.TopologyError as e:
+        print(f"error: --topology: {e}", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _TOPOLOGY.value)
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_threefry_partitionable", True)
+    from jaxtrace import aot, sharding  # noqa: PLC0415
+    from jaxtrace.config import validate  # noqa: PLC0415
+
+    config = aot.with_placeholders(_CONFIG.value)
+    try:
+        validate(config)
+        devices = tpu_topology.devices(topo)
+        mesh = sharding.make_mesh(dict(config.mesh), devices)
+        chip = tpu_topology.chip(topo)
+        programs = aot.programs(config, mesh)
+    except (RuntimeError, ValueError) as e:  # libtpu missing; ConfigError; a mesh that cannot be
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if _PROGRAMS.value:
+        known = {p.name for p in programs}
+        unknown = [n for n in _PROGRAMS.value if n not in known]
+        if unknown:
+            print(
+                f"error: --programs: {unknown[0]!r} is not a program of this run; "
+                f"it runs {sorted(known)}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        programs = [p for p in programs if p.name in _PROGRAMS.value]
+    print(
+        f"{topo.name}: {topo.num_devices} x TPU {chip.name} ({topo.libtpu_name}, "
+        f"{topo.num_hosts} host{'s' * (topo.num_hosts > 1)}), {_gib(chip.hbm_bytes)} GiB HBM, "
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per "
+        f"chip; mesh {dict(mesh.shape)}",
+        flush=True,
+    )
+    results = []
+    for prog in programs:
+        print(f"compiling {prog.name} ({prog.what}) ...", flush=True)
+        results.append(aot.compile_program(prog, mesh))
+    print(table(results, chip))
+    ok = all(r.status == "ok" and r.total_bytes <= chip.hbm_bytes for r in results)
+    if _JSON.value:
+        rows = [dict(vars(r), total_bytes=r.total_bytes) for r in results]
+        payload = {"topology": topo.name, "mesh": dict(mesh.shape), "chip": vars(chip)}
+        with open(_JSON.value, "w") as f:
+            json.dump({**payload, "programs": rows, "ok": ok}, f, indent=2)
+    sys.exit(0 if ok else 1)
+
+
+def parse_flags(argv):
+    """absl flag parsing, but a bad flag or config override is one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except SystemExit as e:  # absl exits 1 after printing --help: asking for help is no error
+        helps = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+        sys.exit(0 if any(a in helps for a in argv[1:]) else e.code)
+    except Exception as e:  # noqa: BLE001 (flags and config_flags raise many types)
+        print(f"error: bad flag or config override: {str(e).strip() or type(e).__name__}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
