@@ -23,10 +23,12 @@ from jaxtrace import checkpoint, evaluation, metrics, paths, rl, sharding, steps
 from jaxtrace.config import model_config, validate
 from jaxtrace.data import tasks
 from jaxtrace.data import tokenizer as tok_lib
+from jaxtrace.errors import ConfigError
 from jaxtrace.losses import trace as trace_lib
 from jaxtrace.models import abstract_model
 from jaxtrace.rewards import MathVerifier
 from jaxtrace.rollout import SamplingConfig, make_generate
+from jaxtrace.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxtrace")
 
@@ -100,19 +102,22 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
 
 def init_params(config, model_cfg, mesh):
     shardings = sharding.param_shardings(model_cfg, mesh)
+    from jaxtrace.export import load_hf_checked, resolve_run  # noqa: PLC0415
+
     if config.init_from.startswith("hf:"):
         # The run's model config is the truth (dtype, remat, hybrid layers...); the HF weights
         # must fit its shapes, and a mismatch is an error naming the tensor.
         from jaxtrace.models import hf  # noqa: PLC0415
 
         graphdef, _ = abstract_model(model_cfg)
-        return graphdef, hf.load_params(model_cfg, config.init_from[3:], shardings)
+        load = lambda d: hf.load_params(model_cfg, d, shardings)  # noqa: E731
+        return graphdef, load_hf_checked(config.init_from[3:], load)
     if config.init_from.startswith("ckpt:"):
         graphdef, abstract = abstract_model(model_cfg)
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
-        params, _ = checkpoint.restore_params(config.init_from[5:], abstract)
+        params, _ = checkpoint.restore_params(resolve_run(config.init_from[5:])[0], abstract)
         return graphdef, params
     return sharding.init_sharded(model_cfg, mesh, seed=config.seed)
 
@@ -245,10 +250,34 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def check_paths(config) -> None:
+    """The workdir and `init_from` paths, before anything is created (errors name the key)."""
+    workdir = config.workdir
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise ConfigError(f"workdir={workdir!r} is a file, not a directory")
+    kind, _, where = config.init_from.partition(":")
+    if config.init_from and not paths.is_remote(where):
+        if not os.path.isdir(where):
+            raise ConfigError(f"init_from={config.init_from!r}: {where!r} is not a directory")
+        if kind == "hf" and not os.path.exists(os.path.join(where, "config.json")):
+            raise ConfigError(f"init_from={config.init_from!r}: no config.json in {where!r}")
+
+
 def run(config) -> dict:
-    """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}."""
+    """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}.
+
+    Checks the config and paths before any compute, then holds the workdir's lock (process 0;
+    see jaxtrace.workdir_lock) for the whole run."""
     validate(config)
+    check_paths(config)
     paths.makedirs(config.workdir)
+    if jax.process_index() != 0:
+        return _run(config)
+    with WorkdirLock(config.workdir):
+        return _run(config)
+
+
+def _run(config) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         with paths.open_path(paths.join(config.workdir, "config.json"), "w") as f:
@@ -307,6 +336,7 @@ def run(config) -> dict:
     else:
         abstract = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
         state, host = ckpt.restore(None, place_state(abstract, mesh))
+        _quarantine_skipped(ckpt)
         results["before"] = host["before"]
         log.info("resumed from step %d", int(state["step"]))
 
@@ -440,6 +470,21 @@ def run(config) -> dict:
     verifier.close()
     results["state"] = state
     return results
+
+
+def _quarantine_skipped(ckpt) -> None:
+    """Moves the newer steps that did not restore aside (process 0), so that retention keeps
+    counting only good steps and the run can save those step numbers again."""
+    bad = [s for s, _ in ckpt.skipped]
+    if not bad:
+        return
+    if jax.process_index() == 0:
+        ckpt.quarantine(bad)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("jaxtrace_quarantine")
+        ckpt.manager.reload()
 
 
 def _divergence(fn, params, mesh, batch):
