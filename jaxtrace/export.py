@@ -142,6 +142,7 @@ def hf_to_orbax(hf_dir, out_dir):
 
 def main(argv):
     del argv
+    cli.setup_logging()
     if bool(_F.ckpt.value) == bool(_F.from_hf.value):
         cli.fail("give exactly one of --ckpt (Orbax -> HF) and --from_hf (HF -> Orbax)")
     if _F.ckpt.value:
