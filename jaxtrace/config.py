@@ -114,7 +114,9 @@ def base() -> ml_collections.ConfigDict:
     )
     c.eval = ml_collections.ConfigDict(dict(num_samples=1, temperature=0.0, batch_size=128))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.verifier = ml_collections.ConfigDict(dict(timeout_s=5.0, num_workers=1))
+    c.verifier = ml_collections.ConfigDict(
+        dict(timeout_s=1.0, num_workers=1, call_budget_s=30.0, float_rounding=12)
+    )
     return c
 
 
@@ -170,6 +172,8 @@ BOUNDS = {
     "eval.batch_size": (1, math.inf, True),
     "verifier.timeout_s": (0, math.inf, False),
     "verifier.num_workers": (1, math.inf, True),
+    "verifier.call_budget_s": (0, math.inf, False),
+    "verifier.float_rounding": (1, 15, True),
 }
 
 
@@ -246,6 +250,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             c.init_from.split(":", 1)[0] in ("hf", "ckpt") and ":" in c.init_from,
             f"init_from={c.init_from!r}: use hf:DIR or ckpt:DIR",
         )
+    need(
+        c.verifier.call_budget_s >= c.verifier.timeout_s,
+        f"verifier.call_budget_s={c.verifier.call_budget_s} must be >= verifier.timeout_s",
+    )
     try:
         model_config(c)
     except (TypeError, ValueError) as e:

@@ -293,8 +293,12 @@ def _run(config) -> dict:
     check_inputs(config, model_cfg, tokenizer, encoder, train, test)
     writer = metrics.MetricWriter(config.workdir, enabled=is_main)
     graphdef, params = init_params(config, model_cfg, mesh)
+    vcfg = config.verifier
     verifier = MathVerifier(
-        timeout_s=config.verifier.timeout_s, num_workers=config.verifier.num_workers
+        timeout_s=vcfg.timeout_s,
+        num_workers=vcfg.num_workers,
+        call_budget_s=vcfg.call_budget_s,
+        float_rounding=vcfg.float_rounding,
     )
 
     def run_eval(p, tag):
