@@ -300,6 +300,31 @@ def test_export_tiny(tiny_run, workspace):
     assert (hf_out / "model.safetensors").stat().st_size > 0
 
 
+_WITHOUT_EXTRAS = """
+import runpy, sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # as if not installed: import fails, find_spec says absent
+sys.argv = ["jaxtrace.train", *sys.argv[1:]]
+runpy.run_module("jaxtrace.train", run_name="__main__", alter_sys=True)
+"""
+EXTRAS = ("torch", "transformers", "tokenizers", "grain", "tensorflow", "tensorflow_datasets")
+EXTRAS += ("gcsfs", "fsspec", "matplotlib", "pytest")
+
+
+@pytest.mark.slow
+def test_training_needs_only_the_base_install(workspace):
+    """`make train` installs the package without extras; the training command runs without
+    torch, transformers, grain, tensorflow-datasets, gcsfs, fsspec, matplotlib."""
+    ws, env = workspace
+    script = ws / "without_extras.py"
+    script.write_text(_WITHOUT_EXTRAS.format(blocked=EXTRAS))
+    cmd = f"python {script} --config=configs/tiny.py --config.workdir=runs/base_only {SMOKE}"
+    proc = subprocess.run(
+        ["bash", "-c", cmd], cwd=ws, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert "after RL" in _ok(proc)
+
+
 @pytest.mark.parametrize("module", ["train", "eval", "export"])
 def test_help_exits_0(module, workspace):
     cmd = f"python -m jaxtrace.{module} --help"
