@@ -109,8 +109,9 @@ def _why(e: BaseException, limit: int = 300) -> str:
 
 def restore_newest(directory: str, steps: list[int], step: int | None, restore_step):
     """(restore_step(s), s, skipped) for `step`, or when it is None for the newest of `steps`
-    whose restore does not raise; `skipped` lists (step, why) of the newer ones that raised,
-    each also logged. InputError naming the directory when none restores (or `step` does not)."""
+    whose restore does not raise (twice: one failure may be a transient read error); `skipped`
+    lists (step, why) of the newer ones that raised, each also logged. InputError naming the
+    directory when none restores (or `step` does not)."""
     if step is not None:
         if step not in steps:
             raise InputError(f"checkpoint step {step} is not in {directory!r} (steps: {steps})")
@@ -122,7 +123,10 @@ def restore_newest(directory: str, steps: list[int], step: int | None, restore_s
     skipped: list[tuple[int, str]] = []
     for s in candidates:
         try:
-            out = restore_step(s)
+            try:
+                out = restore_step(s)
+            except Exception:  # noqa: BLE001 (once more: a transient read error is not corruption)
+                out = restore_step(s)
         except Exception as e:  # noqa: BLE001 (TensorStore, JSON, shape errors: all mean "not this step")
             skipped.append((s, _why(e)))
             if step is None:

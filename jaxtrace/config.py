@@ -221,8 +221,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.data.tokenizer:
         need(
             c.data.vocab_size <= c.model.vocab_size,
-            f"data.vocab_size={c.data.vocab_size} (the tokenizer to train) is larger than "
-            f"model.vocab_size={c.model.vocab_size}",
+            f"tokenizer vocab to train (data.vocab_size={c.data.vocab_size}) is larger than "
+            f"the model vocab (model.vocab_size={c.model.vocab_size})",
         )
     need(
         c.algo.kl_decay in ("linear", "cosine", "constant"),
