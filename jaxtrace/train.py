@@ -1,11 +1,12 @@
-"""Train with TRACE (or a baseline):
+r"""Train with TRACE (or a baseline):
 
     python -m jaxtrace.train --config=configs/tiny.py
     python -m jaxtrace.train --config=configs/tiny.py --config.algo.name=grpo \
         --config.workdir=runs/tiny_grpo
 
 Every `--config.<key>=<value>` overrides the config file; an unknown key is an error naming it.
-Exit codes: 0 done (or preempted and saved), 2 bad configuration or input.
+Exit codes: 0 done (or preempted and saved), 2 bad configuration or input (one line naming the
+key or file), 3 the workdir is in use by another run (jaxtrace.workdir_lock).
 """
 
 from __future__ import annotations
@@ -75,9 +76,6 @@ def main(argv):
     if jax.process_index() == 0:
         print(summary(results))
         print(json.dumps({k: v for k, v in results.items() if k not in ("before", "after")}))
-
-
-parse_flags = cli.parse_flags  # kept for callers of the old name
 
 
 if __name__ == "__main__":
