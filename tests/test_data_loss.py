@@ -94,16 +94,19 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_log_line(tmp_path, ca
 @pytest.mark.parametrize(
     "other, stale",
     [
-        ({"pid": os.getpid(), "started": time.time() - 1}, False),  # alive, this process
+        ({"pid": os.getpid(), "started": -1}, False),  # alive: this process
         ({"pid": os.getpid(), "started": 1.0}, True),  # pid reused: this process is younger
-        ({"pid": 1, "host": "elsewhere", "heartbeat": time.time()}, False),  # fresh heartbeat
-        ({"pid": 1, "host": "elsewhere", "heartbeat": time.time() - 3600}, True),
+        ({"pid": 1, "host": "elsewhere", "heartbeat": -5}, False),  # fresh heartbeat
+        ({"pid": 1, "host": "elsewhere", "heartbeat": -3600}, True),
         ({"pid": "x"}, True),  # unreadable
     ],
     ids=["alive", "pid-reused", "other-host-fresh", "other-host-old", "garbage"],
 )
 def test_stale_rule(tmp_path, other, stale):
+    """Negative times are seconds before now."""
+    now = time.time()
     other = {"host": socket.gethostname(), **other}
+    other = {k: now + v if k in ("started", "heartbeat") and v < 0 else v for k, v in other.items()}
     lock = WorkdirLock(str(tmp_path), heartbeat_s=1, stale_after_s=60)
     assert (lock.stale_reason(other) is not None) == stale
 
