@@ -114,8 +114,11 @@ def base() -> ml_collections.ConfigDict:
     )
     c.eval = ml_collections.ConfigDict(dict(num_samples=1, temperature=0.0, batch_size=128))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # timeout_s: 5 s per check, not MathVerifier's 1 s: on a loaded machine a legitimate check
+    # must not become a time-out (a run's rewards would then depend on the load). The call
+    # budget still bounds a batch of hostile answers.
     c.verifier = ml_collections.ConfigDict(
-        dict(timeout_s=1.0, num_workers=1, call_budget_s=30.0, float_rounding=12)
+        dict(timeout_s=5.0, num_workers=1, call_budget_s=30.0, float_rounding=12)
     )
     return c
 

@@ -100,7 +100,12 @@ def evaluate_run(
     tok = tok_lib.load(tok_path)
     encoder = rl.PromptEncoder(tok, template, p_len, q_len)
     rows = []
-    with MathVerifier() as verifier:
+    v = run_config.get("verifier") or {}
+    with MathVerifier(
+        timeout_s=v.get("timeout_s", 5.0),
+        call_budget_s=max(v.get("call_budget_s", 30.0), v.get("timeout_s", 5.0)),
+        float_rounding=v.get("float_rounding", 12),
+    ) as verifier:
         for name in sets:
             examples = resolve_set(name, data_dir, run_config, seed, limit)
             if limit:
