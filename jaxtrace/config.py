@@ -118,7 +118,13 @@ def base() -> ml_collections.ConfigDict:
     # must not become a time-out (a run's rewards would then depend on the load). The call
     # budget still bounds a batch of hostile answers.
     c.verifier = ml_collections.ConfigDict(
-        dict(timeout_s=5.0, num_workers=1, call_budget_s=30.0, float_rounding=12)
+        dict(
+            timeout_s=5.0,
+            num_workers=1,
+            call_budget_s=10.0,
+            call_budget_per_check_s=0.5,
+            float_rounding=12,
+        )
     )
     return c
 
@@ -176,6 +182,7 @@ BOUNDS = {
     "verifier.timeout_s": (0, math.inf, False),
     "verifier.num_workers": (1, math.inf, True),
     "verifier.call_budget_s": (0, math.inf, False),
+    "verifier.call_budget_per_check_s": (0, math.inf, True),
     "verifier.float_rounding": (1, 15, True),
 }
 

@@ -103,7 +103,8 @@ def evaluate_run(
     v = run_config.get("verifier") or {}
     with MathVerifier(
         timeout_s=v.get("timeout_s", 5.0),
-        call_budget_s=max(v.get("call_budget_s", 30.0), v.get("timeout_s", 5.0)),
+        call_budget_s=max(v.get("call_budget_s", 10.0), v.get("timeout_s", 5.0)),
+        call_budget_per_check_s=v.get("call_budget_per_check_s", 0.5),
         float_rounding=v.get("float_rounding", 12),
     ) as verifier:
         for name in sets:

@@ -298,6 +298,7 @@ def _run(config) -> dict:
         timeout_s=vcfg.timeout_s,
         num_workers=vcfg.num_workers,
         call_budget_s=vcfg.call_budget_s,
+        call_budget_per_check_s=vcfg.call_budget_per_check_s,
         float_rounding=vcfg.float_rounding,
     )
 

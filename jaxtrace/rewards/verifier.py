@@ -4,8 +4,9 @@ Every math-verify call runs in a worker subprocess with a hard wall-clock limit:
 in C code (`9^9^9^9`) where math-verify's signal timeout cannot reach, and that timeout does not
 work off the main thread anyway. An overrunning worker is killed and restarted; the answer
 scores 0 and is counted. Plain numbers on both sides skip the subprocess entirely. A whole
-`score` call has a budget too (`call_budget_s`): checks still pending when it runs out score 0
-and count as time-outs, so a batch of hostile answers costs seconds, not minutes.
+`score` call has a budget too, `call_budget_s + call_budget_per_check_s * checks / num_workers`
+(far above what legitimate checks take): checks still pending when it runs out score 0 and
+count as time-outs, so a batch of hostile answers costs seconds, not minutes.
 
 Before any of that, answers are cleaned and screened on the host (`jaxtrace.rewards.screen`):
 invisible characters removed, answers or golds over `max_answer_chars` and obvious bombs (power
@@ -114,8 +115,11 @@ class MathVerifier:
     Args:
       timeout_s: wall-clock limit for one math-verify check (parse both sides + compare).
       num_workers: verifier subprocesses run in parallel.
-      call_budget_s: wall-clock limit for the math-verify part of one `score` call; checks not
-        done by then score 0 and count as 'timeout' (the plain-number fast path is not limited).
+      call_budget_s, call_budget_per_check_s: wall-clock limit for the math-verify part of one
+        `score` call, `call_budget_s + call_budget_per_check_s * n / num_workers` for n checks
+        that reach math-verify; checks not done by then score 0 and count as 'timeout' (the
+        plain-number fast path is not limited). Legitimate checks take milliseconds to tenths
+        of a second; the budget is what a batch of hanging ones may cost.
       float_rounding: decimal places two numbers must agree on (math-verify rounds both sides
         to this many). math-verify's own default, 6, credits 0.3333333 for 1/3; 12 does not,
         and still equates 0.5 with 1/2 or 0.125 with 1/8.
@@ -131,7 +135,8 @@ class MathVerifier:
         timeout_s: float = 1.0,
         num_workers: int = 1,
         *,
-        call_budget_s: float = 30.0,
+        call_budget_s: float = 10.0,
+        call_budget_per_check_s: float = 0.5,
         float_rounding: int = 12,
         max_answer_chars: int = 1000,
         startup_timeout_s: float = 120.0,
@@ -149,10 +154,15 @@ class MathVerifier:
             raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s!r}")
         if not (isinstance(call_budget_s, int | float) and call_budget_s >= timeout_s):
             raise ValueError(f"call_budget_s must be >= timeout_s, got {call_budget_s!r}")
+        if not (isinstance(call_budget_per_check_s, int | float) and call_budget_per_check_s >= 0):
+            raise ValueError(
+                f"call_budget_per_check_s must be >= 0, got {call_budget_per_check_s!r}"
+            )
         if not (isinstance(float_rounding, int) and 1 <= float_rounding <= 15):
             raise ValueError(f"float_rounding must be an int in [1, 15], got {float_rounding!r}")
         self.timeout_s = float(timeout_s)
         self.call_budget_s = float(call_budget_s)
+        self.call_budget_per_check_s = float(call_budget_per_check_s)
         self.float_rounding = float_rounding
         self.num_workers = num_workers
         self.max_answer_chars = max_answer_chars
@@ -256,7 +266,8 @@ class MathVerifier:
             self._workers.append(self._new_worker())
         queue = deque(tasks.items())
         outcomes: dict[str, tuple[str, object]] = {}
-        call_deadline = time.monotonic() + self.call_budget_s
+        budget = self.call_budget_s + self.call_budget_per_check_s * len(tasks) / self.num_workers
+        call_deadline = time.monotonic() + budget
         while queue or any(w.task is not None for w in self._workers):
             if time.monotonic() > call_deadline:  # the budget is spent: the rest score 0
                 for key, _ in queue:
