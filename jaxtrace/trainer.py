@@ -263,6 +263,68 @@ def check_paths(config) -> None:
             raise ConfigError(f"init_from={config.init_from!r}: no config.json in {where!r}")
 
 
+# What a checkpoint is a checkpoint *of*: resuming it under other values of these would restore
+# the wrong shapes or silently continue another algorithm's run.
+RUN_IDENTITY = (
+    *(
+        f"model.{k}"
+        for k in (
+            "family",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "tie_word_embeddings",
+            "num_experts",
+            "moe_intermediate_size",
+            "mlp_only_layers",
+            "hybrid_layers",
+        )
+    ),
+    "algo.name",
+    "algo.fkl_on_key_spans",
+    "algo.rkl_on_error_spans",
+    "data.task",
+)
+
+
+def check_resume_matches(config) -> None:
+    """If the workdir holds checkpoints, the run that wrote them (its config.json) must agree
+    with `config` on RUN_IDENTITY; ConfigError naming the keys otherwise (before config.json is
+    overwritten)."""
+    ckpt_dir, saved_path = (
+        paths.join(config.workdir, "ckpt"),
+        paths.join(config.workdir, "config.json"),
+    )
+    if paths.is_remote(ckpt_dir) or not os.path.isdir(ckpt_dir) or not os.path.exists(saved_path):
+        return
+    if not any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        return
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable: the restore itself will say what is wrong
+
+    def get(tree, key):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return list(tree) if isinstance(tree, tuple | list) else tree
+
+    new = json.loads(config.to_json_best_effort())
+    diff = [(k, get(saved, k), get(new, k)) for k in RUN_IDENTITY]
+    diff = [(k, a, b) for k, a, b in diff if a is not None and a != b]  # older files lack keys
+    if diff:
+        what = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff)
+        raise ConfigError(
+            f"workdir={config.workdir!r} holds checkpoints of another run ({what}); use another "
+            "--config.workdir (or move its ckpt/ away to start over)"
+        )
+
+
 def run(config) -> dict:
     """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}.
 
@@ -279,6 +341,7 @@ def run(config) -> dict:
 
 def _run(config) -> dict:
     is_main = jax.process_index() == 0
+    check_resume_matches(config)
     if is_main:
         with paths.open_path(paths.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -163,6 +163,26 @@ def test_cli_on_a_locked_workdir_exits_3_naming_the_holder(tmp_path):
     assert sorted(os.listdir(workdir)) == [LOCK_NAME]  # nothing written: not even config.json
 
 
+def test_resuming_a_workdir_of_another_run_is_refused_and_keeps_its_config(tmp_path):
+    """The README once ran the RKL variant in the TRACE run's workdir: it 'resumed' TRACE's
+    checkpoint and overwrote its config.json."""
+    from jaxtrace import trainer
+
+    theirs = mini_config(tmp_path / "run", algo="grpo")
+    (tmp_path / "run" / "ckpt" / "3").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(theirs.to_json_best_effort())
+    ours = mini_config(tmp_path / "run")
+    ours.model.hidden_size = 48
+    with pytest.raises(ConfigError, match=r"algo.name: 'grpo' there, 'trace' here") as e:
+        trainer.run(ours)
+    assert "model.hidden_size: 32 there, 48 here" in str(e.value)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["algo"]["name"] == "grpo"
+    trainer.check_resume_matches(theirs)  # the same run may resume
+    trainer.check_resume_matches(
+        mini_config(tmp_path / "run", algo="grpo", steps=100)
+    )  # steps may change
+
+
 # ------------------------------------------------------------------ corrupt checkpoints
 @pytest.mark.parametrize("corrupt", [_truncate_arrays, _corrupt_host_json], ids=["array", "host"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, corrupt, caplog):
