@@ -16,7 +16,7 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from jaxtrace import checkpoint, workdir_lock
+from jaxtrace import checkpoint, paths, workdir_lock
 from jaxtrace.config import ConfigError, validate
 from jaxtrace.errors import InputError, WorkdirLockedError
 from jaxtrace.workdir_lock import LOCK_NAME, WorkdirLock
@@ -268,3 +268,15 @@ def test_run_with_corrupt_latest_checkpoint_resumes_from_the_previous_step(tmp_p
     assert "checkpoint step 2" in caplog.text and "resumed from step 1" in caplog.text
     assert sorted(os.listdir(ckpt_dir)) == ["1", "2", "2.corrupt-0"]
     assert workdir_lock.LOCK_NAME not in os.listdir(tmp_path / "run")
+
+
+def test_lock_on_a_remote_workdir():
+    """gs:// has no atomic create: the lock is written, read back, kept if still ours (fsspec's
+    in-memory filesystem stands in for GCS)."""
+    pytest.importorskip("fsspec")
+    workdir = f"memory://jaxtrace_lock_test_{os.getpid()}/run"
+    with WorkdirLock(workdir) as lock:
+        assert paths.exists(lock.path)
+        with pytest.raises(WorkdirLockedError, match=f"in use by pid {os.getpid()}"):
+            WorkdirLock(workdir).acquire()
+    assert not paths.exists(lock.path)
