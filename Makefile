@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Two install steps: what training needs (the package and its core dependencies), then what the
+# tests, lint, notebooks and benchmarks add (torch + transformers for the parity tests, grain /
+# tfds / gcsfs, pytest, ruff).
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= configs/tiny.py
 ARGS ?=
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
@@ -12,22 +16,26 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
 	# torch first, pinned: on CPU machines this takes the local CPU wheel (no CUDA download).
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[hf,data,dev]"
-	touch $(STAMP)
+	touch $@
 
 ## libtpu, for ahead-of-time compiles for TPU slices on any host (`python -m jaxtrace.compile`,
 ## tests/test_tpu_compile.py): the jax[tpu] extra at the installed jax's own version.
 TPU_STAMP := $(VENV)/.installed-tpu
 $(TPU_STAMP): $(STAMP)
 	$(PY) -m pip install -q "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
-	touch $(TPU_STAMP)
+	touch $@
 
 venv-tpu: $(TPU_STAMP)
 
-## The whole development environment, libtpu included (`make train` needs only $(STAMP)).
-venv: $(TPU_STAMP)
+## The whole development environment: test extras and libtpu (`make train` needs only $(STAMP)).
+venv: $(TEST_STAMP) $(TPU_STAMP)
 
 ## The embedded default: SFT warm start, then TRACE; prints held-out accuracy before and after.
 train: $(STAMP)
@@ -38,21 +46,21 @@ train-grpo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m jaxtrace.train --config=$(CONFIG):grpo \
 		--config.workdir=runs/tiny_grpo $(ARGS)
 
-test: $(TPU_STAMP)
+test: $(TEST_STAMP) $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile tests
 
-test-fast: $(TPU_STAMP)
+test-fast: $(TEST_STAMP) $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	for b in rollout span_kl moe linear_attention mfu; do \
 		JAX_PLATFORMS=cpu $(PY) benchmarks/$$b.py || exit 1; done
 
@@ -71,7 +79,7 @@ bench-peers: $(PEERS)/.installed
 	JAX_PLATFORMS=cpu XLA_FLAGS= $(PEERS)/bin/python benchmarks/vs_peers.py $(ARGS)
 
 ## The paper's claims in miniature: 3 seeds x {GRPO, OPSD, TRACE-FKL, TRACE-RKL} (hours on CPU).
-reproduce: $(STAMP)
+reproduce: $(TEST_STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/reproduce.py $(ARGS)
 
 clean:

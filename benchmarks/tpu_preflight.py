@@ -29,19 +29,25 @@ HYBRID = ["--config.model.hybrid_implementation=pallas_tpu"]
 TEACHER, STUDENT = "--programs=rl_step+teacher", "--programs=rl_step"
 RUNS = [
     ("qwen3_1p7b_trace", "v5p-8", PALLAS, ""),
+    ("qwen3_1p7b_hybrid", "v5p-8", PALLAS + HYBRID, ""),
+    ("qwen3_8b_trace", "v5p-64", PALLAS, ""),
+    ("qwen3_moe_trace", "v5p-64", PALLAS + MOE, ""),
     ("qwen3_1p7b_trace_rkl", "v5p-8", PALLAS, TEACHER),
     ("qwen3_1p7b_grpo", "v5p-8", PALLAS, STUDENT),
     ("qwen3_1p7b_dapo", "v5p-8", PALLAS, STUDENT),
     ("qwen3_1p7b_opsd", "v5p-8", PALLAS, TEACHER),
     ("qwen3_1p7b_trace_online", "v5p-8", PALLAS, "--programs=self_annotate"),
-    ("qwen3_1p7b_hybrid", "v5p-8", PALLAS + HYBRID, ""),
-    ("qwen3_8b_trace", "v5p-64", PALLAS, ""),
     ("qwen3_8b_grpo", "v5p-64", PALLAS, STUDENT),
     ("qwen3_8b_dapo", "v5p-64", PALLAS, STUDENT),
     ("qwen3_8b_opsd", "v5p-64", PALLAS, TEACHER),
     ("qwen3_8b_trace_online", "v5p-64", PALLAS, "--programs=self_annotate"),
-    ("qwen3_moe_trace", "v5p-64", PALLAS + MOE, ""),
 ]
+
+
+HEADER = (
+    "| config | topology | program | verdict | HBM GiB per chip (of) | TFLOP/chip | compile s |\n"
+    "|---|---|---|---|---|---|---|"
+)
 
 
 def command(config, topology, extra, json_path):
@@ -64,6 +70,7 @@ def main():
     for config, topology, extra, programs in runs:
         topology = args.topology or topology
         extra = extra + ([programs] if programs else [])
+        first = len(rows)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
             cmd = command(config, topology, extra, out)
@@ -91,11 +98,12 @@ def main():
                 f"{prog['compile_s']:.0f} |"
             )
         print(f"  done in {wall:.0f} s", flush=True)
-    print()
-    print(
-        "| config | topology | program | verdict | HBM GiB per chip (of) | TFLOP/chip | compile s |"
-    )
-    print("|---|---|---|---|---|---|---|")
+        print("\n".join(["", HEADER, *rows[first:], ""]), flush=True)
+        if args.json:  # after every config, so a long batch keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(everything, f, indent=2)
+    print("all configs:")
+    print(HEADER)
     print("\n".join(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -30,28 +30,39 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from types import SimpleNamespace  # noqa: E402
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py[:variant]), as for jaxtrace.train.",
-    lock_config=True,
-)  # fmt: skip
-_TOPOLOGY = flags.DEFINE_string(
-    "topology",
-    None,
-    "TPU slice to compile for, as Google Cloud names it: v4-8, v5e-8 (= v5litepod-8), v5p-8, "
-    "v5p-64, v6e-8, v6e-64, ... (v4/v5p count TensorCores, v5e/v6e chips); or a libtpu "
-    "topology such as v5p:4x4x12.",
-)
-_PROGRAMS = flags.DEFINE_list(
-    "programs",
-    [],
-    "Only these programs (default: every program the run executes): sft_step, rl_step, "
-    "rl_step+teacher, divergence, sampler, eval_sampler, self_annotate.",
-)
-_JSON = flags.DEFINE_string("json", "", "Also write the results as JSON to this path.")
-flags.mark_flags_as_required(["config", "topology"])
+from jaxtrace import cli  # noqa: E402
+
+_F = SimpleNamespace()  # the flags, once define_flags() has run (only when run as a program)
+
+
+def define_flags() -> None:
+    _F.config = config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Path to a config file (configs/*.py[:variant]), as for jaxtrace.train.",
+        lock_config=True,
+    )
+    _F.topology = flags.DEFINE_string(
+        "topology",
+        None,
+        "TPU slice to compile for, as Google Cloud names it: v4-8, v5e-8 (= v5litepod-8), "
+        "v5p-8, v5p-64, v6e-8, v6e-64, ... (v4/v5p count TensorCores, v5e/v6e chips); or a "
+        "libtpu topology such as v5p:4x4x12.",
+    )
+    _F.programs = flags.DEFINE_list(
+        "programs",
+        [],
+        "Only these programs (default: every program the run executes): sft_step, rl_step, "
+        "rl_step+teacher, divergence, sampler, eval_sampler, self_annotate.",
+    )
+    _F.json = flags.DEFINE_string("json", "", "Also write the results as JSON to this path.")
+    flags.mark_flags_as_required(["config", "topology"])
+
 
 GiB = 2**30
 
@@ -92,18 +103,17 @@ def main(argv):
     from jaxtrace import tpu_topology  # noqa: PLC0415
 
     try:
-        topo = tpu_topology.parse(_TOPOLOGY.value)
+        topo = tpu_topology.parse(_F.topology.value)
     except tpu_topology.TopologyError as e:
-        print(f"error: --topology: {e}", file=sys.stderr)
-        sys.exit(2)
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _TOPOLOGY.value)
+        cli.fail(f"--topology: {e}")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _F.topology.value)
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_threefry_partitionable", True)
     from jaxtrace import aot, sharding  # noqa: PLC0415
     from jaxtrace.config import validate  # noqa: PLC0415
 
-    config = aot.with_placeholders(_CONFIG.value)
+    config = aot.with_placeholders(_F.config.value)
     try:
         validate(config)
         devices = tpu_topology.devices(topo)
@@ -111,19 +121,15 @@ def main(argv):
         chip = tpu_topology.chip(topo)
         programs = aot.programs(config, mesh)
     except (RuntimeError, ValueError) as e:  # libtpu missing; ConfigError; a mesh that cannot be
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if _PROGRAMS.value:
+        cli.fail(str(e))
+    if _F.programs.value:
         known = {p.name for p in programs}
-        unknown = [n for n in _PROGRAMS.value if n not in known]
+        unknown = [n for n in _F.programs.value if n not in known]
         if unknown:
-            print(
-                f"error: --programs: {unknown[0]!r} is not a program of this run; "
-                f"it runs {sorted(known)}",
-                file=sys.stderr,
+            cli.fail(
+                f"--programs: {unknown[0]!r} is not a program of this run; it runs {sorted(known)}"
             )
-            sys.exit(2)
-        programs = [p for p in programs if p.name in _PROGRAMS.value]
+        programs = [p for p in programs if p.name in _F.programs.value]
     print(
         f"{topo.name}: {topo.num_devices} x TPU {chip.name} ({topo.libtpu_name}, "
         f"{topo.num_hosts} host{'s' * (topo.num_hosts > 1)}), {_gib(chip.hbm_bytes)} GiB HBM, "
@@ -137,25 +143,14 @@ def main(argv):
         results.append(aot.compile_program(prog, mesh))
     print(table(results, chip))
     ok = all(r.status == "ok" and r.total_bytes <= chip.hbm_bytes for r in results)
-    if _JSON.value:
+    if _F.json.value:
         rows = [dict(vars(r), total_bytes=r.total_bytes) for r in results]
         payload = {"topology": topo.name, "mesh": dict(mesh.shape), "chip": vars(chip)}
-        with open(_JSON.value, "w") as f:
+        with open(_F.json.value, "w") as f:
             json.dump({**payload, "programs": rows, "ok": ok}, f, indent=2)
     sys.exit(0 if ok else 1)
 
 
-def parse_flags(argv):
-    """absl flag parsing, but a bad flag or config override is one line and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except SystemExit as e:  # absl exits 1 after printing --help: asking for help is no error
-        helps = ("-h", "--help", "--helpshort", "--helpfull", "-?")
-        sys.exit(0 if any(a in helps for a in argv[1:]) else e.code)
-    except Exception as e:  # noqa: BLE001 (flags and config_flags raise many types)
-        print(f"error: bad flag or config override: {str(e).strip() or type(e).__name__}")
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -8,9 +8,11 @@ cross-field constraints before any compute.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
+from jaxtrace.errors import ConfigError
 from jaxtrace.models.config import ModelConfig, preset
 
 ALGOS = ("trace", "grpo", "dapo", "drgrpo", "opsd", "opsd+grpo")
@@ -112,12 +114,97 @@ def base() -> ml_collections.ConfigDict:
     )
     c.eval = ml_collections.ConfigDict(dict(num_samples=1, temperature=0.0, batch_size=128))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.verifier = ml_collections.ConfigDict(dict(timeout_s=5.0, num_workers=1))
+    # timeout_s: 5 s per check, not MathVerifier's 1 s: on a loaded machine a legitimate check
+    # must not become a time-out (a run's rewards would then depend on the load). The call
+    # budget still bounds a batch of hostile answers.
+    c.verifier = ml_collections.ConfigDict(
+        dict(
+            timeout_s=5.0,
+            num_workers=1,
+            call_budget_s=10.0,
+            call_budget_per_check_s=0.5,
+            float_rounding=12,
+        )
+    )
     return c
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the offending key."""
+__all__ = ["ConfigError", "base", "model_config", "model_dict", "validate"]
+
+# The smallest sentencepiece vocabulary trained for a task: 4 specials, "####", 10 digits and the
+# operators and letters of the text need more than this; below it sentencepiece fails inside C++.
+MIN_TRAINED_VOCAB = 32
+
+# key -> (lowest, highest, lowest_inclusive): every bounded number of the schema, checked before
+# any compute. `math.inf` as highest means unbounded; every value must also be finite.
+BOUNDS = {
+    "seed": (0, math.inf, True),
+    "data.num_train": (0, math.inf, True),
+    "data.num_test": (0, math.inf, True),
+    "data.vocab_size": (MIN_TRAINED_VOCAB, math.inf, True),
+    "rollout.prompts_per_step": (1, math.inf, True),
+    "rollout.group_size": (2, math.inf, True),
+    "rollout.max_prompt_len": (1, math.inf, True),
+    "rollout.max_privileged_len": (1, math.inf, True),
+    "rollout.max_new_tokens": (1, math.inf, True),
+    "rollout.temperature": (0, math.inf, False),
+    "rollout.top_p": (0, 1, False),
+    "algo.kl_lambda0": (0, math.inf, True),
+    "algo.kl_warmup_steps": (0, math.inf, True),
+    "algo.kl_decay_steps": (0, math.inf, True),
+    "algo.eps_low": (0, math.inf, True),
+    "algo.eps_high": (0, math.inf, True),
+    "algo.ref_kl_coef": (0, math.inf, True),
+    "algo.overlong_cache_len": (0, math.inf, True),
+    "algo.api_timeout_s": (0, math.inf, False),
+    "algo.divergence_top_frac": (0, 1, False),
+    "algo.divergence_merge_gap": (0, math.inf, True),
+    "optim.lr": (0, math.inf, False),
+    "optim.warmup_steps": (0, math.inf, True),
+    "optim.weight_decay": (0, math.inf, True),
+    "optim.grad_clip": (0, math.inf, False),
+    "optim.b1": (0, 1, True),
+    "optim.b2": (0, 1, True),
+    "sft.steps": (0, math.inf, True),
+    "sft.batch_size": (1, math.inf, True),
+    "sft.lr": (0, math.inf, False),
+    "sft.warmup_steps": (0, math.inf, True),
+    "sft.privileged_fraction": (0, 1, True),
+    "train.steps": (0, math.inf, True),
+    "train.log_every": (1, math.inf, True),
+    "train.eval_every": (0, math.inf, True),
+    "train.ckpt_every": (1, math.inf, True),
+    "train.keep_ckpts": (1, math.inf, True),  # 0 would let retention delete every checkpoint
+    "train.max_consecutive_nonfinite": (1, math.inf, True),
+    "eval.num_samples": (1, math.inf, True),
+    "eval.temperature": (0, math.inf, True),  # 0 = greedy
+    "eval.batch_size": (1, math.inf, True),
+    "verifier.timeout_s": (0, math.inf, False),
+    "verifier.num_workers": (1, math.inf, True),
+    "verifier.call_budget_s": (0, math.inf, False),
+    "verifier.call_budget_per_check_s": (0, math.inf, True),
+    "verifier.float_rounding": (1, 15, True),
+}
+
+
+def _get(c: ml_collections.ConfigDict, key: str):
+    for part in key.split("."):
+        c = c[part]
+    return c
+
+
+def check_bounds(c: ml_collections.ConfigDict) -> None:
+    """Every key of BOUNDS is a finite number in its range (ConfigError naming the key)."""
+    for key, (lo, hi, lo_inclusive) in BOUNDS.items():
+        v = _get(c, key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ConfigError(f"{key}={v!r} must be a finite number")
+        above = v >= lo if lo_inclusive else v > lo
+        if not (above and v <= hi):
+            lo_s = f"{'>=' if lo_inclusive else '>'} {lo}"
+            raise ConfigError(
+                f"{key}={v!r} must be {lo_s}" + ("" if hi == math.inf else f" and <= {hi}")
+            )
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -137,12 +224,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.rollout.group_size >= 2,
         f"rollout.group_size={c.rollout.group_size}: GRPO needs at least 2 samples per prompt",
     )
-    need(c.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
-    need(c.rollout.temperature > 0, f"rollout.temperature={c.rollout.temperature} must be > 0")
-    need(0 < c.rollout.top_p <= 1, f"rollout.top_p={c.rollout.top_p} must be in (0, 1]")
-    need(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
-    need(c.train.steps >= 0, f"train.steps={c.train.steps} must be >= 0")
-    need(c.optim.lr > 0, f"optim.lr={c.optim.lr} must be > 0")
+    check_bounds(c)
+    need(isinstance(c.workdir, str) and bool(c.workdir), f"workdir={c.workdir!r} must be a path")
+    if c.data.task == "arithmetic":
+        need(c.data.num_train >= 1, "data.num_train=0: the arithmetic task needs >= 1 example")
+    if not c.data.tokenizer:
+        need(
+            c.data.vocab_size <= c.model.vocab_size,
+            f"tokenizer vocab to train (data.vocab_size={c.data.vocab_size}) is larger than "
+            f"the model vocab (model.vocab_size={c.model.vocab_size})",
+        )
     need(
         c.algo.kl_decay in ("linear", "cosine", "constant"),
         f"algo.kl_decay={c.algo.kl_decay!r}; choose linear | cosine | constant",
@@ -169,6 +260,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             c.init_from.split(":", 1)[0] in ("hf", "ckpt") and ":" in c.init_from,
             f"init_from={c.init_from!r}: use hf:DIR or ckpt:DIR",
         )
+    need(
+        c.verifier.call_budget_s >= c.verifier.timeout_s,
+        f"verifier.call_budget_s={c.verifier.call_budget_s} must be >= verifier.timeout_s",
+    )
     try:
         model_config(c)
     except (TypeError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Held-out accuracy of a checkpoint: pass@1 (greedy) and avg@k / pass@k (sampled).
+r"""Held-out accuracy of a checkpoint: pass@1 (greedy) and avg@k / pass@k (sampled).
 
     python -m jaxtrace.eval --ckpt=runs/x/ckpt --data_dir=../shared/data/math_eval \
         --sets=math500,aime24,aime25,amc2023,minervamath,olympiadbench --k=4 --temperature=0.6
@@ -13,24 +13,41 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from types import SimpleNamespace
 
 from absl import app, flags
 
-_CKPT = flags.DEFINE_string("ckpt", None, "Orbax checkpoint directory of a run.", required=True)
-_SETS = flags.DEFINE_list("sets", ["math500"], "Comma-separated eval sets (see module doc).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Folder of <set>.jsonl files.")
-_K = flags.DEFINE_integer("k", 1, "Samples per problem for avg@k / pass@k (with temperature).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (pass@1).")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate at most this many problems per set.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: the run's rollout budget.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per generate call.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer path (default: the run's).")
-_OUT = flags.DEFINE_string("out", None, "Also write the results as JSON here.")
+from jaxtrace import cli
+
+_F = SimpleNamespace()  # the flags, once define_flags() has run (only when run as a program)
 
 
-def resolve_set(name: str, data_dir: str, run_config, seed: int):
+def define_flags() -> None:
+    _F.ckpt = flags.DEFINE_string(
+        "ckpt",
+        None,
+        "Orbax checkpoint directory of a run (runs/x/ckpt) or the run folder.",
+        required=True,
+    )
+    _F.sets = flags.DEFINE_list("sets", ["math500"], "Comma-separated eval sets (see module doc).")
+    _F.data_dir = flags.DEFINE_string("data_dir", "", "Folder of <set>.jsonl files.")
+    _F.k = flags.DEFINE_integer(
+        "k", 1, "Samples per problem for avg@k / pass@k (with temperature).", lower_bound=1
+    )
+    _F.temperature = flags.DEFINE_float("temperature", 0.0, "0 = greedy (pass@1).", lower_bound=0)
+    _F.limit = flags.DEFINE_integer(
+        "limit", 0, "Evaluate at most this many problems per set.", lower_bound=0
+    )
+    _F.max_new = flags.DEFINE_integer(
+        "max_new_tokens", None, "Default: the run's rollout budget.", lower_bound=1
+    )
+    _F.batch = flags.DEFINE_integer("batch_size", 64, "Prompts per generate call.", lower_bound=1)
+    _F.step = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    _F.tokenizer = flags.DEFINE_string("tokenizer", None, "Tokenizer path (default: the run's).")
+    _F.out = flags.DEFINE_string("out", None, "Also write the results as JSON here.")
+
+
+def resolve_set(name: str, data_dir: str, run_config, seed: int, limit: int = 0):
     from jaxtrace.data import tasks  # noqa: PLC0415
 
     if name == "arithmetic":
@@ -38,74 +55,109 @@ def resolve_set(name: str, data_dir: str, run_config, seed: int):
             run_config["data"]["num_train"], run_config["data"]["num_test"], seed
         )[1]
     if name.startswith("gsm8k:"):
-        return tasks.gsm8k_examples(name[6:], _LIMIT.value)
+        return tasks.gsm8k_examples(name[6:], limit)
     path = name if name.endswith(".jsonl") else os.path.join(data_dir, f"{name}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"eval set {name!r}: {path!r} does not exist (set --data_dir)")
-    return tasks.math_examples(path, _LIMIT.value)
+    return tasks.math_examples(path, limit)
+
+
+def evaluate_run(
+    ckpt: str,
+    sets: list[str],
+    *,
+    data_dir: str = "",
+    k: int = 1,
+    temperature: float = 0.0,
+    limit: int = 0,
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+    step: int | None = None,
+    tokenizer: str | None = None,
+):
+    """(rows, step): one row of metrics per eval set for checkpoint `ckpt` (a run's ckpt/
+    directory or the run folder)."""
+    from jaxtrace import checkpoint, evaluation, rl  # noqa: PLC0415
+    from jaxtrace.data import tokenizer as tok_lib  # noqa: PLC0415
+    from jaxtrace.errors import InputError  # noqa: PLC0415
+    from jaxtrace.export import model_config_of_run, read_run_config, resolve_run  # noqa: PLC0415
+    from jaxtrace.models import abstract_model  # noqa: PLC0415
+    from jaxtrace.rewards import MathVerifier  # noqa: PLC0415
+
+    ckpt_dir, config_path = resolve_run(ckpt)
+    run_dir = os.path.dirname(config_path)
+    run_config = read_run_config(config_path)
+    cfg = model_config_of_run(ckpt, None)
+    graphdef, abstract = abstract_model(cfg)
+    params, step = checkpoint.restore_params(ckpt_dir, abstract, step)
+    try:
+        data, r, seed = run_config["data"], run_config["rollout"], run_config["seed"]
+        tok_path = tokenizer or data["tokenizer"] or os.path.join(run_dir, "tokenizer.model")
+        template, p_len, q_len = data["template"], r["max_prompt_len"], r["max_privileged_len"]
+        max_new_tokens = max_new_tokens or r["max_new_tokens"]
+    except (KeyError, TypeError) as e:
+        raise InputError(f"run config {config_path!r} has no key {e}") from None
+    tok = tok_lib.load(tok_path)
+    encoder = rl.PromptEncoder(tok, template, p_len, q_len)
+    rows = []
+    v = run_config.get("verifier") or {}
+    with MathVerifier(
+        timeout_s=v.get("timeout_s", 5.0),
+        call_budget_s=max(v.get("call_budget_s", 10.0), v.get("timeout_s", 5.0)),
+        call_budget_per_check_s=v.get("call_budget_per_check_s", 0.5),
+        float_rounding=v.get("float_rounding", 12),
+    ) as verifier:
+        for name in sets:
+            examples = resolve_set(name, data_dir, run_config, seed, limit)
+            if limit:
+                examples = examples[:limit]
+            res = evaluation.evaluate(
+                graphdef,
+                params,
+                examples,
+                tokenizer=tok,
+                encoder=encoder,
+                verifier=verifier,
+                max_new_tokens=max_new_tokens,
+                num_samples=k,
+                temperature=temperature,
+                batch_size=batch_size,
+                show_progress=True,
+                desc=name,
+            )
+            rows.append({"set": name, **res})
+    return rows, step
 
 
 def main(argv):
     del argv
+    cli.setup_logging()
     import jax  # noqa: PLC0415
 
-    from jaxtrace import checkpoint, evaluation, metrics, rl  # noqa: PLC0415
-    from jaxtrace.data import tokenizer as tok_lib  # noqa: PLC0415
-    from jaxtrace.export import model_config_of_run  # noqa: PLC0415
-    from jaxtrace.models import abstract_model  # noqa: PLC0415
-    from jaxtrace.rewards import MathVerifier  # noqa: PLC0415
+    from jaxtrace import metrics  # noqa: PLC0415
 
-    try:
-        run_dir = os.path.dirname(os.path.abspath(_CKPT.value))
-        with open(os.path.join(run_dir, "config.json")) as f:
-            run_config = json.load(f)
-        cfg = model_config_of_run(_CKPT.value, None)
-        graphdef, abstract = abstract_model(cfg)
-        params, step = checkpoint.restore_params(
-            os.path.abspath(_CKPT.value), abstract, _STEP.value
-        )
-        tok_path = (
-            _TOKENIZER.value
-            or run_config["data"]["tokenizer"]
-            or os.path.join(run_dir, "tokenizer.model")
-        )
-        tokenizer = tok_lib.load(tok_path)
-        r = run_config["rollout"]
-        encoder = rl.PromptEncoder(
-            tokenizer, run_config["data"]["template"], r["max_prompt_len"], r["max_privileged_len"]
-        )
-        rows = []
-        with MathVerifier() as verifier:
-            for name in _SETS.value:
-                examples = resolve_set(name, _DATA_DIR.value, run_config, run_config["seed"])
-                if _LIMIT.value:
-                    examples = examples[: _LIMIT.value]
-                res = evaluation.evaluate(
-                    graphdef,
-                    params,
-                    examples,
-                    tokenizer=tokenizer,
-                    encoder=encoder,
-                    verifier=verifier,
-                    max_new_tokens=_MAX_NEW.value or r["max_new_tokens"],
-                    num_samples=_K.value,
-                    temperature=_TEMPERATURE.value,
-                    batch_size=_BATCH.value,
-                    show_progress=True,
-                    desc=name,
-                )
-                rows.append({"set": name, **res})
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    rows, step = cli.run_guarded(
+        evaluate_run,
+        _F.ckpt.value,
+        _F.sets.value,
+        data_dir=_F.data_dir.value,
+        k=_F.k.value,
+        temperature=_F.temperature.value,
+        limit=_F.limit.value,
+        max_new_tokens=_F.max_new.value,
+        batch_size=_F.batch.value,
+        step=_F.step.value,
+        tokenizer=_F.tokenizer.value,
+    )
     if jax.process_index() == 0:
         cols = ["set"] + sorted({k for r in rows for k in r if k != "set"})
-        print(f"checkpoint {_CKPT.value} step {step}")
+        print(f"checkpoint {_F.ckpt.value} step {step}")
         print(metrics.table(rows, cols))
-        if _OUT.value:
-            with open(_OUT.value, "w") as f:
+        if _F.out.value:
+            with open(_F.out.value, "w") as f:
                 json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

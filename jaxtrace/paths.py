@@ -47,3 +47,14 @@ def join(path: str, *parts: str) -> str:
     if is_remote(path):
         return "/".join([path.rstrip("/"), *parts])
     return os.path.join(path, *parts)
+
+
+def rename(src: str, dst: str) -> None:
+    if is_remote(src):
+        _fs(src).mv(src, dst, recursive=True)
+    else:
+        os.replace(src, dst)
+
+
+def isdir(path: str) -> bool:
+    return _fs(path).isdir(path) if is_remote(path) else os.path.isdir(path)

@@ -93,6 +93,10 @@ def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_toke
         status = getattr(res, "status", "failed")
         counts["failed"] += status in ("failed", "missing")
         counts["timeouts"] += status == "timeout"
+        # Quote-based annotators drop quotes not found in the response before there are spans.
+        dropped = getattr(res, "dropped_spans", 0)
+        if isinstance(dropped, int) and not isinstance(dropped, bool) and dropped > 0:
+            counts["dropped_spans"] += dropped
         spans = getattr(res, "spans", None)
         if not spans:
             continue

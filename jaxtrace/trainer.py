@@ -23,10 +23,12 @@ from jaxtrace import checkpoint, evaluation, metrics, paths, rl, sharding, steps
 from jaxtrace.config import model_config, validate
 from jaxtrace.data import tasks
 from jaxtrace.data import tokenizer as tok_lib
+from jaxtrace.errors import ConfigError
 from jaxtrace.losses import trace as trace_lib
 from jaxtrace.models import abstract_model
 from jaxtrace.rewards import MathVerifier
 from jaxtrace.rollout import SamplingConfig, make_generate
+from jaxtrace.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxtrace")
 
@@ -100,19 +102,22 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
 
 def init_params(config, model_cfg, mesh):
     shardings = sharding.param_shardings(model_cfg, mesh)
+    from jaxtrace.export import load_hf_checked, resolve_run  # noqa: PLC0415
+
     if config.init_from.startswith("hf:"):
         # The run's model config is the truth (dtype, remat, hybrid layers...); the HF weights
         # must fit its shapes, and a mismatch is an error naming the tensor.
         from jaxtrace.models import hf  # noqa: PLC0415
 
         graphdef, _ = abstract_model(model_cfg)
-        return graphdef, hf.load_params(model_cfg, config.init_from[3:], shardings)
+        load = lambda d: hf.load_params(model_cfg, d, shardings)  # noqa: E731
+        return graphdef, load_hf_checked(config.init_from[3:], load)
     if config.init_from.startswith("ckpt:"):
         graphdef, abstract = abstract_model(model_cfg)
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
-        params, _ = checkpoint.restore_params(config.init_from[5:], abstract)
+        params, _ = checkpoint.restore_params(resolve_run(config.init_from[5:])[0], abstract)
         return graphdef, params
     return sharding.init_sharded(model_cfg, mesh, seed=config.seed)
 
@@ -298,17 +303,100 @@ def rollout_sampling(config, stop_tokens, pad_id) -> SamplingConfig:
     )
 
 
+def check_paths(config) -> None:
+    """The workdir and `init_from` paths, before anything is created (errors name the key)."""
+    workdir = config.workdir
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise ConfigError(f"workdir={workdir!r} is a file, not a directory")
+    kind, _, where = config.init_from.partition(":")
+    if config.init_from and not paths.is_remote(where):
+        if not os.path.isdir(where):
+            raise ConfigError(f"init_from={config.init_from!r}: {where!r} is not a directory")
+        if kind == "hf" and not os.path.exists(os.path.join(where, "config.json")):
+            raise ConfigError(f"init_from={config.init_from!r}: no config.json in {where!r}")
+
+
+# What a checkpoint is a checkpoint *of*: resuming it under other values of these would restore
+# the wrong shapes or silently continue another algorithm's run.
+RUN_IDENTITY = (
+    *(
+        f"model.{k}"
+        for k in (
+            "family",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "tie_word_embeddings",
+            "num_experts",
+            "moe_intermediate_size",
+            "mlp_only_layers",
+            "hybrid_layers",
+        )
+    ),
+    "algo.name",
+    "algo.fkl_on_key_spans",
+    "algo.rkl_on_error_spans",
+    "data.task",
+)
+
+
+def check_resume_matches(config) -> None:
+    """If the workdir holds checkpoints, the run that wrote them (its config.json) must agree
+    with `config` on RUN_IDENTITY; ConfigError naming the keys otherwise (before config.json is
+    overwritten)."""
+    ckpt_dir, saved_path = (
+        paths.join(config.workdir, "ckpt"),
+        paths.join(config.workdir, "config.json"),
+    )
+    if paths.is_remote(ckpt_dir) or not os.path.isdir(ckpt_dir) or not os.path.exists(saved_path):
+        return
+    if not any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        return
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable: the restore itself will say what is wrong
+
+    def get(tree, key):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return list(tree) if isinstance(tree, tuple | list) else tree
+
+    new = json.loads(config.to_json_best_effort())
+    diff = [(k, get(saved, k), get(new, k)) for k in RUN_IDENTITY]
+    diff = [(k, a, b) for k, a, b in diff if a is not None and a != b]  # older files lack keys
+    if diff:
+        what = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff)
+        raise ConfigError(
+            f"workdir={config.workdir!r} holds checkpoints of another run ({what}); use another "
+            "--config.workdir (or move its ckpt/ away to start over)"
+        )
+
+
 def run(config) -> dict:
-    """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}."""
+    """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}.
+
+    Checks the config and paths before any compute, then holds the workdir's lock (process 0;
+    see jaxtrace.workdir_lock) for the whole run."""
     validate(config)
+    check_paths(config)
+    paths.makedirs(config.workdir)
     mesh = sharding.make_mesh(dict(config.mesh))
     with sharding.mesh_context(mesh):  # Pallas ops find the mesh here, to run under shard_map
-        return _run(config, mesh)
+        if jax.process_index() != 0:
+            return _run(config, mesh)
+        with WorkdirLock(config.workdir):
+            return _run(config, mesh)
 
 
 def _run(config, mesh) -> dict:
-    paths.makedirs(config.workdir)
     is_main = jax.process_index() == 0
+    check_resume_matches(config)
     if is_main:
         with paths.open_path(paths.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -322,8 +410,13 @@ def _run(config, mesh) -> dict:
     check_inputs(config, model_cfg, tokenizer, encoder, train, test)
     writer = metrics.MetricWriter(config.workdir, enabled=is_main)
     graphdef, params = init_params(config, model_cfg, mesh)
+    vcfg = config.verifier
     verifier = MathVerifier(
-        timeout_s=config.verifier.timeout_s, num_workers=config.verifier.num_workers
+        timeout_s=vcfg.timeout_s,
+        num_workers=vcfg.num_workers,
+        call_budget_s=vcfg.call_budget_s,
+        call_budget_per_check_s=vcfg.call_budget_per_check_s,
+        float_rounding=vcfg.float_rounding,
     )
 
     def run_eval(p, tag):
@@ -365,6 +458,7 @@ def _run(config, mesh) -> dict:
     else:
         abstract = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
         state, host = ckpt.restore(None, place_state(abstract, mesh))
+        _quarantine_skipped(ckpt)
         results["before"] = host["before"]
         log.info("resumed from step %d", int(state["step"]))
 
@@ -480,6 +574,21 @@ def _run(config, mesh) -> dict:
     verifier.close()
     results["state"] = state
     return results
+
+
+def _quarantine_skipped(ckpt) -> None:
+    """Moves the newer steps that did not restore aside (process 0), so that retention keeps
+    counting only good steps and the run can save those step numbers again."""
+    bad = [s for s, _ in ckpt.skipped]
+    if not bad:
+        return
+    if jax.process_index() == 0:
+        ckpt.quarantine(bad)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("jaxtrace_quarantine")
+        ckpt.manager.reload()
 
 
 def _divergence(fn, params, mesh, batch):

@@ -38,7 +38,8 @@ def test_hf_to_orbax_to_hf_roundtrip_loads_in_transformers(tmp_path):
     model, hf_dir = tiny_qwen3(tmp_path, tie=False)
     out = _export(f"--from_hf={hf_dir}", f"--out={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr
-    out = _export(f"--ckpt={tmp_path / 'run' / 'ckpt'}", f"--out={tmp_path / 'hf2'}")
+    # --ckpt takes the folder --from_hf wrote (run/ckpt + run/config.json) as it is
+    out = _export(f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'hf2'}")
     assert out.returncode == 0, out.stderr
     reloaded = Qwen3ForCausalLM.from_pretrained(tmp_path / "hf2").eval().float()
     ids = np.random.default_rng(0).integers(0, 97, (2, 7))

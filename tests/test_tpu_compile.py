@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 
@@ -188,11 +189,12 @@ def test_rl_step_compiles_with_pallas_kernels(family, chips, request):
 
 
 def test_compile_cli_prints_the_table():
-    """The README's preflight command, at the tiny config (2 layers)."""
-    cmd = [
-        sys.executable, "-m", "jaxtrace.compile", "--config=configs/tiny.py", "--topology=v5e-4",
-        "--config.model.num_layers=2",
-    ]  # fmt: skip
+    """The README's tiny preflight command, exactly as README.md writes it."""
+    readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    (line,) = [
+        ln for ln in readme if ln.startswith("python -m jaxtrace.compile --config=configs/tiny")
+    ]
+    cmd = [sys.executable] + shlex.split(line)[1:]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "v5e-4: 4 x TPU v5e" in out.stdout

@@ -1,21 +1,32 @@
 """Annotation by a strong model behind an OpenAI-compatible chat-completions API (stdlib only).
 
 The API key is read from an environment variable at request time and only ever placed in the
-Authorization header: it is not stored on the object, logged, or put in any error message.
+Authorization header of a request to `base_url`'s host: it is not stored on the object, logged,
+or put in any error message. The client speaks HTTP itself (http.client, no proxies) so that:
+  * a request has one total deadline, `timeout_s`, for connect + send + headers + body: a
+    watchdog shuts the socket down when it passes, so a server dripping bytes cannot hold it;
+  * redirects are refused (a 3xx is a failed annotation), so the key never goes to another host;
+  * a reply nested deeper than `max_json_depth` is a failed annotation, not a RecursionError;
+  * a 429 / 503 `Retry-After` (seconds or an HTTP date) is waited for, up to `max_retry_after_s`.
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
 import os
 import random
+import re
 import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from jaxtrace.annotate.base import AnnotationRequest, AnnotationResult, Annotator, failed_result
 from jaxtrace.annotate.prompt import build_messages, result_from_output
@@ -29,7 +40,9 @@ class _Timeout(Exception):
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, msg: str, retry_after: float | None = None):
+        super().__init__(msg)
+        self.retry_after = retry_after
 
 
 class _Fatal(Exception):
@@ -45,9 +58,12 @@ class OpenAIAnnotator(Annotator):
       model: model name sent in the request body.
       api_key_env: environment variable holding the key; if unset, no Authorization header
         is sent (local servers such as vLLM need none).
-      timeout_s: limit for one HTTP attempt (each socket wait, and the whole body read).
-      max_retries: extra attempts after a timeout, connection error, 429 or 5xx (other 4xx
-        and unusable replies are not retried). Backoff: `backoff_s * 2**attempt` with jitter.
+      timeout_s: total limit for one HTTP attempt: connect, send, status line, headers, body.
+      max_retries: extra attempts after a timeout, connection error, 429 or 5xx (other 4xx,
+        3xx redirects and unusable replies are not retried). Backoff: `backoff_s * 2**attempt`
+        with jitter, or the server's Retry-After when that is longer.
+      max_retry_after_s: the longest Retry-After honoured (a longer one is cut to this).
+      max_json_depth: replies nested deeper than this are failed annotations.
       max_concurrency: requests in flight at once (threads).
       max_spans: most quotes the prompt asks for.
       extra_body: merged into the request JSON (e.g. {"response_format": {...}}).
@@ -67,6 +83,8 @@ class OpenAIAnnotator(Annotator):
         max_tokens: int = 1024,
         max_spans: int = 4,
         extra_body: dict | None = None,
+        max_retry_after_s: float = 30.0,
+        max_json_depth: int = 64,
     ):
         super().__init__()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
@@ -81,7 +99,17 @@ class OpenAIAnnotator(Annotator):
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s!r}")
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
             raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        if not max_retry_after_s >= 0:
+            raise ValueError(f"max_retry_after_s must be >= 0, got {max_retry_after_s!r}")
+        if not (isinstance(max_json_depth, int) and max_json_depth >= 1):
+            raise ValueError(f"max_json_depth must be an int >= 1, got {max_json_depth!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(self.url)
+        if not parts.hostname:
+            raise ValueError(f"base_url has no host: {base_url!r}")
+        self._parts = parts
+        self.max_retry_after_s = float(max_retry_after_s)
+        self.max_json_depth = max_json_depth
         self.model = model
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
@@ -122,17 +150,29 @@ class OpenAIAnnotator(Annotator):
         }
         data = json.dumps(body).encode("utf-8")
         last: Exception = _Fatal("no attempt made")
+        wait = 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1) * (1.0 + 0.25 * random.random()))
+                backoff = self.backoff_s * 2 ** (attempt - 1) * (1.0 + 0.25 * random.random())
+                time.sleep(max(backoff, wait))
             try:
-                return _content(self._post(data))
+                return _content(self._post(data), self.max_json_depth)
             except (_Timeout, _Retryable) as e:
                 last = e
+                retry_after = getattr(e, "retry_after", None)
+                wait = min(retry_after, self.max_retry_after_s) if retry_after else 0.0
                 log.warning(
                     "annotator %s attempt %d/%d: %s", self.url, attempt + 1, self.max_retries + 1, e
                 )
         raise last
+
+    def _connection(self) -> http.client.HTTPConnection:
+        p = self._parts
+        if p.scheme == "https":
+            return http.client.HTTPSConnection(
+                p.hostname, p.port, timeout=self.timeout_s, context=ssl.create_default_context()
+            )
+        return http.client.HTTPConnection(p.hostname, p.port, timeout=self.timeout_s)
 
     def _post(self, data: bytes) -> bytes:
         """One attempt: the raw 200 body, or _Timeout / _Retryable / _Fatal."""
@@ -140,41 +180,99 @@ class OpenAIAnnotator(Annotator):
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        path = self._parts.path + (f"?{self._parts.query}" if self._parts.query else "")
         deadline = time.monotonic() + self.timeout_s
+        conn = self._connection()
+        watchdog = threading.Timer(self.timeout_s, _shut_down, (conn,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                chunks, size = [], 0
-                # urlopen's timeout bounds each socket read; this bounds the whole body, so a
-                # server trickling bytes cannot hold the trainer.
-                while chunk := resp.read(1 << 16):
-                    size += len(chunk)
-                    if size > _MAX_BODY_BYTES:
-                        raise _Fatal(f"response body over {_MAX_BODY_BYTES} bytes")
-                    if time.monotonic() > deadline:
-                        raise _Timeout(f"no complete reply within timeout_s={self.timeout_s}")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except urllib.error.HTTPError as e:
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}") from None
-            raise _Fatal(f"HTTP {e.code}") from None
-        except TimeoutError:
-            raise _Timeout(f"no reply within timeout_s={self.timeout_s}") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError | socket.timeout):
-                raise _Timeout(f"no reply within timeout_s={self.timeout_s}") from None
-            raise _Retryable(f"connection error: {type(e.reason).__name__}") from None
-        except (OSError, http.client.HTTPException) as e:  # reset mid-body, bad status line
+            conn.connect()
+            _check_deadline(deadline, self.timeout_s)  # the watchdog may have fired mid-connect
+            conn.request("POST", path, body=data, headers=headers)
+            resp = conn.getresponse()
+            status = resp.status
+            if 300 <= status < 400:
+                raise _Fatal(f"HTTP {status} redirect refused (the request is not sent elsewhere)")
+            if status == 429 or status >= 500:
+                raise _Retryable(f"HTTP {status}", _retry_after(resp.getheader("Retry-After")))
+            if status != 200:
+                raise _Fatal(f"HTTP {status}")
+            chunks, size = [], 0
+            while True:
+                _check_deadline(deadline, self.timeout_s)
+                chunk = resp.read1(1 << 16)  # what has arrived, not a full buffer
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > _MAX_BODY_BYTES:
+                    raise _Fatal(f"response body over {_MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+            _check_deadline(deadline, self.timeout_s)
+            return b"".join(chunks)
+        except (_Fatal, _Retryable, _Timeout):
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if isinstance(e, TimeoutError | socket.timeout) or time.monotonic() >= deadline:
+                raise _Timeout(f"no complete reply within timeout_s={self.timeout_s}") from None
             raise _Retryable(f"connection error: {type(e).__name__}") from None
+        finally:
+            watchdog.cancel()
+            conn.close()
 
 
-def _content(body: bytes) -> str:
+def _shut_down(conn: http.client.HTTPConnection) -> None:
+    """Unblocks whatever the request thread waits for on `conn`'s socket (the deadline passed)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _check_deadline(deadline: float, timeout_s: float) -> None:
+    if time.monotonic() >= deadline:
+        raise _Timeout(f"no complete reply within timeout_s={timeout_s}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text (string contents ignored); C-speed work."""
+    arr = np.frombuffer(_JSON_STRING.sub(b'""', body), np.uint8)
+    if arr.size == 0:
+        return 0
+    step = np.isin(arr, (ord("["), ord("{"))).astype(np.int64)
+    step -= np.isin(arr, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _content(body: bytes, max_depth: int = 64) -> str:
     """choices[0].message.content of a chat-completions reply, else _Fatal."""
+    if json_depth(body) > max_depth:
+        raise _Fatal(f"reply JSON is nested deeper than {max_depth}")
     try:
         reply = json.loads(body)
         content = reply["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         raise _Fatal("reply is not a chat-completions JSON object") from None
     if not isinstance(content, str):
         raise _Fatal("reply content is not a string")

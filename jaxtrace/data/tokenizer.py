@@ -68,9 +68,26 @@ def train_sentencepiece(
     """Trains a small sentencepiece model (digits split, so numbers are spelled digit by digit)."""
     import sentencepiece as spm  # noqa: PLC0415
 
+    from jaxtrace.errors import InputError  # noqa: PLC0415
+
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise InputError("no text to train the tokenizer on (is the training set empty?)")
     os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
+    try:
+        _train(spm, texts, model_prefix, vocab_size, model_type)
+    except RuntimeError as e:  # sentencepiece's C++ errors, e.g. a vocab below the character set
+        msg = " ".join(str(e).split())[:300]
+        raise InputError(
+            f"could not train a sentencepiece tokenizer of vocab_size={vocab_size} "
+            f"(data.vocab_size): {msg}"
+        ) from None
+    return SentencePieceTokenizer(model_prefix + ".model")
+
+
+def _train(spm, texts, model_prefix, vocab_size, model_type):
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)),
+        sentence_iterator=iter(texts),
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -85,7 +102,6 @@ def train_sentencepiece(
         minloglevel=2,
         user_defined_symbols=["####"],
     )
-    return SentencePieceTokenizer(model_prefix + ".model")
 
 
 class HFTokenizer(Tokenizer):

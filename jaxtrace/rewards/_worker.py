@@ -1,9 +1,9 @@
 """Child-process side of `MathVerifier`: math-verify equivalence, one pair per JSON line.
 
-Runs as a plain script (`python _worker.py [memory_limit_mb]`), not through multiprocessing,
-so the child never re-imports the trainer's `__main__` or jax and starts in about a second;
-the parent can then kill it when sympy hangs in C code (huge powers, deep recursion) where no
-signal reaches.
+Runs as a plain script (`python _worker.py [memory_limit_mb [float_rounding]]`), not through
+multiprocessing, so the child never re-imports the trainer's `__main__` or jax and starts in
+about a second; the parent can then kill it when sympy hangs in C code (huge powers, deep
+recursion) where no signal reaches.
 
 Protocol on stdin/stdout, one JSON object per line:
   child -> parent once at start: {"ready": true}
@@ -18,7 +18,7 @@ import os
 import sys
 
 
-def _load_math_verify():
+def _load_math_verify(float_rounding: int = 12):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     # The parent bounds time by killing this process; math-verify's own signal timeouts are off
@@ -40,7 +40,15 @@ def _load_math_verify():
         pred_parsed = _parse(pred)
         if not gold_parsed or not pred_parsed:
             return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True))
+        return bool(
+            verify(
+                gold_parsed,
+                pred_parsed,
+                float_rounding=float_rounding,
+                timeout_seconds=None,
+                raise_on_error=True,
+            )
+        )
 
     return equivalent
 
@@ -73,7 +81,7 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    equivalent = _load_math_verify()
+    equivalent = _load_math_verify(int(sys.argv[2]) if len(sys.argv) > 2 else 12)
     out.write('{"ready": true}\n')
     out.flush()
     for line in sys.stdin:

@@ -3,7 +3,14 @@
 Every math-verify call runs in a worker subprocess with a hard wall-clock limit: sympy can hang
 in C code (`9^9^9^9`) where math-verify's signal timeout cannot reach, and that timeout does not
 work off the main thread anyway. An overrunning worker is killed and restarted; the answer
-scores 0 and is counted. Plain numbers on both sides skip the subprocess entirely.
+scores 0 and is counted. Plain numbers on both sides skip the subprocess entirely. A whole
+`score` call has a budget too, `call_budget_s + call_budget_per_check_s * checks / num_workers`
+(far above what legitimate checks take): checks still pending when it runs out score 0 and
+count as time-outs, so a batch of hostile answers costs seconds, not minutes.
+
+Before any of that, answers are cleaned and screened on the host (`jaxtrace.rewards.screen`):
+invisible characters removed, answers or golds over `max_answer_chars` and obvious bombs (power
+towers, astronomically large powers and factorials, code) scored 0 without reaching sympy.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxtrace.rewards.extract import extract_answer, extract_boxed, parse_plain_number
+from jaxtrace.rewards.screen import normalize, reject_reason
 
 _WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
 STAT_KEYS = ("no_answer", "timeout", "error", "fast_path")
@@ -30,9 +38,9 @@ STAT_KEYS = ("no_answer", "timeout", "error", "fast_path")
 class _Worker:
     """One verifier subprocess plus a line buffer for its stdout."""
 
-    def __init__(self, memory_limit_mb: int):
+    def __init__(self, memory_limit_mb: int, float_rounding: int = 12):
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", _WORKER_SCRIPT, str(memory_limit_mb)],
+            [sys.executable, "-u", _WORKER_SCRIPT, str(memory_limit_mb), str(float_rounding)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # tracebacks from the child stay visible
@@ -107,8 +115,16 @@ class MathVerifier:
     Args:
       timeout_s: wall-clock limit for one math-verify check (parse both sides + compare).
       num_workers: verifier subprocesses run in parallel.
-      max_answer_chars: extracted answers longer than this score 0 (counted as 'error')
-        without reaching sympy.
+      call_budget_s, call_budget_per_check_s: wall-clock limit for the math-verify part of one
+        `score` call, `call_budget_s + call_budget_per_check_s * n / num_workers` for n checks
+        that reach math-verify; checks not done by then score 0 and count as 'timeout' (the
+        plain-number fast path is not limited). Legitimate checks take milliseconds to tenths
+        of a second; the budget is what a batch of hanging ones may cost.
+      float_rounding: decimal places two numbers must agree on (math-verify rounds both sides
+        to this many). math-verify's own default, 6, credits 0.3333333 for 1/3; 12 does not,
+        and still equates 0.5 with 1/2 or 0.125 with 1/8.
+      max_answer_chars: extracted answers (and golds) longer than this score 0 (counted as
+        'error') without reaching sympy.
       startup_timeout_s: limit for a fresh worker to import math-verify.
       memory_limit_mb: address-space limit of each worker (Linux), so a hostile answer fails
         with MemoryError instead of exhausting the machine; 0 disables it.
@@ -116,10 +132,13 @@ class MathVerifier:
 
     def __init__(
         self,
-        timeout_s: float = 5.0,
+        timeout_s: float = 1.0,
         num_workers: int = 1,
         *,
-        max_answer_chars: int = 2000,
+        call_budget_s: float = 10.0,
+        call_budget_per_check_s: float = 0.5,
+        float_rounding: int = 12,
+        max_answer_chars: int = 1000,
         startup_timeout_s: float = 120.0,
         memory_limit_mb: int = 4096,
     ):
@@ -133,7 +152,18 @@ class MathVerifier:
             raise ValueError(f"memory_limit_mb must be an int >= 0, got {memory_limit_mb!r}")
         if not startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s!r}")
+        if not (isinstance(call_budget_s, int | float) and call_budget_s >= timeout_s):
+            raise ValueError(f"call_budget_s must be >= timeout_s, got {call_budget_s!r}")
+        if not (isinstance(call_budget_per_check_s, int | float) and call_budget_per_check_s >= 0):
+            raise ValueError(
+                f"call_budget_per_check_s must be >= 0, got {call_budget_per_check_s!r}"
+            )
+        if not (isinstance(float_rounding, int) and 1 <= float_rounding <= 15):
+            raise ValueError(f"float_rounding must be an int in [1, 15], got {float_rounding!r}")
         self.timeout_s = float(timeout_s)
+        self.call_budget_s = float(call_budget_s)
+        self.call_budget_per_check_s = float(call_budget_per_check_s)
+        self.float_rounding = float_rounding
         self.num_workers = num_workers
         self.max_answer_chars = max_answer_chars
         self.startup_timeout_s = float(startup_timeout_s)
@@ -174,17 +204,20 @@ class MathVerifier:
         slow: dict[str, tuple[str, str]] = {}  # dedupe key -> (gold, pred)
         slow_index: list[tuple[int, str]] = []
         for i, (response, gold) in enumerate(zip(responses, golds)):
-            pred = extract_answer(response)
+            pred = extract_answer(normalize(response))
             if pred is None:
                 stats["no_answer"] += 1
                 continue
+            gold = normalize(gold)
             gold = extract_boxed(gold) or gold.strip()
             gold_num, pred_num = parse_plain_number(gold), parse_plain_number(pred)
             if gold_num is not None and pred_num is not None:
                 rewards[i] = float(gold_num == pred_num)
                 stats["fast_path"] += 1
                 continue
-            if len(pred) > self.max_answer_chars:
+            if max(len(pred), len(gold)) > self.max_answer_chars or (
+                reject_reason(pred) or reject_reason(gold)
+            ):
                 stats["error"] += 1
                 continue
             key = json.dumps([gold, pred])
@@ -219,26 +252,41 @@ class MathVerifier:
 
     # -- scheduling -------------------------------------------------------------------------
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.memory_limit_mb, self.float_rounding)
+
     def _replace(self, idx: int) -> None:
         self._workers[idx].kill()
-        self._workers[idx] = _Worker(self.memory_limit_mb)
+        self._workers[idx] = self._new_worker()
         self.restarts += 1
 
     def _run(self, tasks: dict[str, tuple[str, str]]) -> dict[str, tuple[str, object]]:
         """Runs each (gold, pred) check on the pool; returns key -> (status, value)."""
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self.memory_limit_mb))
+            self._workers.append(self._new_worker())
         queue = deque(tasks.items())
         outcomes: dict[str, tuple[str, object]] = {}
+        budget = self.call_budget_s + self.call_budget_per_check_s * len(tasks) / self.num_workers
+        call_deadline = time.monotonic() + budget
         while queue or any(w.task is not None for w in self._workers):
+            if time.monotonic() > call_deadline:  # the budget is spent: the rest score 0
+                for key, _ in queue:
+                    outcomes[key] = ("timeout", None)
+                queue.clear()
+                for idx, w in enumerate(self._workers):
+                    if w.task is not None:
+                        outcomes[w.task[1]] = ("timeout", None)
+                        self._replace(idx)
+                break
             for w in self._workers:
                 while w.ready and w.task is None and queue:
                     key, (gold, pred) = queue.popleft()
                     self._next_id += 1
-                    if not w.send(self._next_id, key, gold, pred, self.timeout_s):
+                    limit = min(self.timeout_s, max(0.0, call_deadline - time.monotonic()))
+                    if not w.send(self._next_id, key, gold, pred, limit):
                         queue.appendleft((key, (gold, pred)))  # dead: replaced below on EOF
                         break
-            self._wait()
+            self._wait(call_deadline)
             now = time.monotonic()
             for idx, w in enumerate(self._workers):
                 lines = w.read_lines()
@@ -268,10 +316,10 @@ class MathVerifier:
                     )
         return outcomes
 
-    def _wait(self) -> None:
+    def _wait(self, until: float = float("inf")) -> None:
         """Blocks until a busy or starting worker has output, or the nearest deadline passes."""
         now = time.monotonic()
-        deadline = now + self.startup_timeout_s
+        deadline = min(now + self.startup_timeout_s, until)
         with selectors.DefaultSelector() as sel:
             for w in self._workers:
                 if w.task is not None:
