@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxtrace import algos
 from jaxtrace.annotate import AnnotationRequest, char_spans_to_token_mask, divergence_mask
+from jaxtrace.annotate.prompt import PARSE_FAILURE
 from jaxtrace.data import templates
 from jaxtrace.losses import grpo as grpo_lib
 from jaxtrace.losses import trace as trace_lib
@@ -74,7 +75,8 @@ def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_toke
 
     Annotator output is untrusted: an annotator that raises, returns the wrong number of
     results, or a result without usable spans costs those rows their spans (GRPO only), never
-    the run. Returns (key, err, counts) with counts {"dropped_spans", "failed", "timeouts"}.
+    the run. Returns (key, err, counts) with counts {"dropped_spans", "failed", "timeouts",
+    "parse_failed"} (replies with no JSON list of quotes, e.g. from self-annotation).
     """
     requests = [
         AnnotationRequest(e.question, e.reference, t, bool(c))
@@ -82,7 +84,7 @@ def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_toke
     ]
     key = np.zeros((len(texts), num_tokens), bool)
     err = np.zeros_like(key)
-    counts = {"dropped_spans": 0, "failed": 0, "timeouts": 0}
+    counts = {"dropped_spans": 0, "failed": 0, "timeouts": 0, "parse_failed": 0}
     try:
         results = list(annotator.annotate(requests))
     except Exception as e:  # noqa: BLE001 (a broken annotator must not end a long run)
@@ -95,6 +97,7 @@ def annotate_masks(annotator, tokenizer, examples, ids, texts, correct, num_toke
         status = getattr(res, "status", "failed")
         counts["failed"] += status in ("failed", "missing")
         counts["timeouts"] += status == "timeout"
+        counts["parse_failed"] += getattr(res, "detail", "") == PARSE_FAILURE
         spans = getattr(res, "spans", None)
         if not spans:
             continue
@@ -237,6 +240,7 @@ def build_batch(
             )
             metrics.update({f"annotator_{k}": v for k, v in counts.items()})
             metrics["annotator_failed_frac"] = counts["failed"] / max(len(texts), 1)
+            metrics["annotator_parse_failed_frac"] = counts["parse_failed"] / max(len(texts), 1)
     route = np.asarray(
         trace_lib.token_routes(
             mask,

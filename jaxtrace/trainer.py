@@ -119,7 +119,7 @@ def init_params(config, model_cfg, mesh):
     return sharding.init_sharded(model_cfg, mesh, seed=config.seed)
 
 
-def make_annotator(config, train_examples, generate_text=None):
+def make_annotator(config, train_examples, generate_text=None, tokenizer=None):
     from jaxtrace import annotate  # noqa: PLC0415
 
     kind = config.algo.annotator
@@ -137,7 +137,13 @@ def make_annotator(config, train_examples, generate_text=None):
             config.algo.api_timeout_s,
         )
     if kind == "self":
-        return annotate.SelfAnnotator(generate_text)
+        if tokenizer is None:
+            return annotate.SelfAnnotator(generate_text)
+        return annotate.SelfAnnotator(
+            generate_text,
+            tokenizer=tokenizer,
+            max_prompt_tokens=self_prompt_budget(config.rollout),
+        )
     return None  # divergence / none
 
 
@@ -505,7 +511,7 @@ def run(config) -> dict:
     )
     generate = make_generate(graphdef, sampling)
     annotator = make_annotator(
-        config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r)
+        config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r), tokenizer
     )
     phases = RLPhases(
         config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step
@@ -591,9 +597,16 @@ def _divergence(fn, params, mesh, batch):
     return sharding.to_host(fn(params, sharding.shard_step_batch(batch, mesh)))
 
 
+def self_prompt_budget(r) -> int:
+    """Tokens of a self-annotation prompt (instructions, problem, reference, response)."""
+    return 4 * r.max_privileged_len
+
+
 def _self_generate(graphdef, get_params, tokenizer, r):
-    """generate_fn for self-annotation: the current policy, greedy, prompts cut to fit."""
-    budget = 4 * r.max_privileged_len
+    """generate_fn for self-annotation: the current policy, greedy. The annotator builds prompts
+    that fit the budget (shortening the response's middle); one that does not is an error,
+    never cut from the left, which would drop the instructions and the problem."""
+    budget = self_prompt_budget(r)
     cfg = SamplingConfig(
         max_prompt_len=budget,
         max_new_tokens=2 * r.max_new_tokens,
@@ -606,7 +619,9 @@ def _self_generate(graphdef, get_params, tokenizer, r):
     def generate_text(prompts):
         nonlocal gen
         gen = gen or make_generate(graphdef, cfg)
-        ids = [tokenizer.encode(p)[-budget:] for p in prompts]
+        ids = [tokenizer.encode(p) for p in prompts]
+        if max(map(len, ids), default=0) > budget:
+            raise ValueError(f"a self-annotation prompt exceeds its {budget}-token budget")
         from jaxtrace.rollout import left_pad  # noqa: PLC0415
 
         out = gen(get_params(), *left_pad(ids, budget, tokenizer.pad_id), jax.random.key(0), None)
