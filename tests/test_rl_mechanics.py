@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtrace import algos, rl, trainer
+from jaxtrace import phases as phases_lib
 from jaxtrace.config import base
 from jaxtrace.losses import trace as trace_lib
 from tests.test_reliability import CharTokenizer
@@ -95,7 +96,7 @@ def _phases(examples, tries, dynamic=True):
     tok = CharTokenizer()
     encoder = rl.PromptEncoder(tok, "plain", 40, 80)
     policy = FakePolicy(encoder)
-    phases = trainer.RLPhases(
+    phases = phases_lib.RLPhases(
         c, algos.resolve(c.algo), None, examples, encoder, policy, FakeVerifier(), None, None, None
     )
     return phases, policy
@@ -117,7 +118,7 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal():
     assert rl.groups_with_signal(verdicts, K).all()
     assert all(e.answer == "mixed" for e in examples)
     assert m["sampling_groups_short"] == 0 and m["sampling_tries"] == len(policy.calls) > 1
-    drawn = [trainer.sampling_indices(5, t, 4, 40, 0) for t in range(m["sampling_tries"])]
+    drawn = [phases_lib.sampling_indices(5, t, 4, 40, 0) for t in range(m["sampling_tries"])]
     zero_variance = sum(phases.train[i].answer != "mixed" for idx in drawn for i in idx)
     assert m["sampling_groups_dropped"] == zero_variance > 0
     # The same (seed, step) draws the same prompts: what an exact resume needs.
@@ -141,10 +142,10 @@ def test_without_dynamic_sampling_one_draw_of_the_epoch_permutation():
     _, _, m = phases.rollout_and_score(None, step=2)
     assert len(policy.calls) == 1 and m == {}
     np.testing.assert_array_equal(
-        trainer.sampling_indices(2, 0, 4, 40, 0), trainer.prompt_indices(2, 4, 40, 0)
+        phases_lib.sampling_indices(2, 0, 4, 40, 0), trainer.prompt_indices(2, 4, 40, 0)
     )
     assert not np.array_equal(
-        trainer.sampling_indices(2, 1, 4, 40, 0), trainer.sampling_indices(2, 2, 4, 40, 0)
+        phases_lib.sampling_indices(2, 1, 4, 40, 0), phases_lib.sampling_indices(2, 2, 4, 40, 0)
     )
 
 
@@ -154,7 +155,7 @@ def test_presets_are_what_the_trainer_runs():
     for name, want in algos.PRESETS.items():
         c.algo.name = name
         assert algos.resolve(c.algo) == want
-        assert trainer.loss_config(c, want).norm == want.norm
+        assert phases_lib.loss_config(c, want).norm == want.norm
     grpo, dapo, dr = algos.PRESETS["grpo"], algos.PRESETS["dapo"], algos.PRESETS["drgrpo"]
     assert (grpo.eps_low, grpo.eps_high, grpo.norm, grpo.adv_std_ddof) == (0.2, 0.2, "sequence", 1)
     assert (dapo.eps_high, dapo.norm, dapo.overlong_filter, dapo.dynamic_sampling) == (
