@@ -182,16 +182,14 @@ class RLPhases:
                 teacher_fn=self.teacher_fn if multi and use_teacher else None,
                 ref_params=ref_params,
             )
-        gap = None
-        if multi:  # the recomputed behaviour log-probs against the sampler's own
-            old = np.concatenate([sharding.to_host(mb["old_logp"]) for mb in mbs])
-            mask = np.asarray(batch["response_mask"], bool)
-            gap = float(np.abs(old - sample[0]["logprobs"])[mask].mean()) if mask.any() else 0.0
         state, m = rl.ppo_updates(
             state, mbs, self.rl_step, jnp.float32(lam), use_teacher, epochs=a.ppo_epochs
         )
-        if gap is not None:
-            m["old_logp_vs_sampler"] = gap
+        if multi:  # the recomputed behaviour log-probs against the sampler's own
+            old = np.concatenate([sharding.to_host(mb["old_logp"]) for mb in mbs])
+            mask = np.asarray(batch["response_mask"], bool)
+            gap = np.abs(old - sample[0]["logprobs"])[mask]
+            m["old_logp_vs_sampler"] = float(gap.mean()) if gap.size else 0.0
         return state, m
 
 
