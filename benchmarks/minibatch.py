@@ -3,9 +3,9 @@
 For each seed the supervised warm start runs once and is shared by both settings (its
 checkpoint and tokenizer are copied into each run's workdir), so the runs differ only in
 `algo.num_minibatches`. Each run is `python -m jaxtrace.train` in a subprocess; a finished run
-(results.json present) is not run again. Prints one table: held-out greedy accuracy before and
-after RL, per seed and averaged, the median RL step time, and the mean clip fraction and
-approximate KL to the behaviour policy over the run (what the extra updates change).
+(results.json present) is not run again. Prints one table: held-out accuracy (greedy pass@1)
+before and after RL, per seed and averaged, the median RL step time, and the mean clip fraction
+and approximate KL to the behaviour policy over the run (what the extra updates change).
 
     python benchmarks/minibatch.py                                  # 3 seeds x {1, 4}, :grpo
     python benchmarks/minibatch.py --seeds 0 --steps 30             # a short look
@@ -61,8 +61,8 @@ def summary(wd):
     train = [r for r in rows if "train/loss" in r]
     mean = lambda k: float(np.mean([r[k] for r in train if k in r])) if train else float("nan")
     return {
-        "before": res["before"]["accuracy"],
-        "after": res["after"]["accuracy"],
+        "before": res["before"]["pass@1"],
+        "after": res["after"]["pass@1"],
         "step_s": res["step_time_s"],
         "clip_frac": mean("train/clip_frac"),
         "approx_kl": mean("train/approx_kl"),
