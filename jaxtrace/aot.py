@@ -11,6 +11,7 @@ see `jaxtrace.tpu_topology`, or local devices) and reads XLA's memory and cost a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 
@@ -54,6 +55,7 @@ class Program:
     fn: object  # a jax.jit-wrapped function
     args: tuple  # abstract args (ShapeDtypeStruct with sharding) and static values
     what: str  # one line for the table
+    resident_bytes: int = 0  # per device, held in HBM beside the program (a frozen reference)
 
 
 @dataclasses.dataclass
@@ -65,6 +67,7 @@ class Result:
     output_bytes: int = 0
     alias_bytes: int = 0
     temp_bytes: int = 0
+    resident_bytes: int = 0
     flops: float = 0.0
     bytes_accessed: float = 0.0
     compile_s: float = 0.0
@@ -72,8 +75,10 @@ class Result:
     @property
     def total_bytes(self) -> int:
         """Peak per-device HBM as XLA counts it: arguments + outputs not aliased to an argument
-        (donated buffers are reused) + temporaries."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+        (donated buffers are reused) + temporaries, plus what stays resident beside the program
+        (the reference KL's frozen params)."""
+        args_out = self.argument_bytes + self.output_bytes - self.alias_bytes
+        return args_out + self.temp_bytes + self.resident_bytes
 
 
 def _abstract(tree, shardings):
@@ -112,11 +117,12 @@ def _rows(mesh, shape, dtype, split=True):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=s)
 
 
-def rl_batch(config, mesh, teacher: bool):
-    """The RL step's batch (`rl.build_batch` after `sharding.shard_step_batch`): G prompts,
-    R = G * k responses of width N, the privileged prompts (width Q, one per response)."""
+def rl_batch(config, mesh, teacher: bool, minibatches: int = 1):
+    """One update's batch (`rl.minibatches` of `rl.build_batch`, after
+    `sharding.shard_step_batch`): G prompts, R = G * k responses of width N, the privileged
+    prompts (width Q, one per response); G is the rollout's prompts / `minibatches`."""
     r = config.rollout
-    g, k = r.prompts_per_step, r.group_size
+    g, k = r.prompts_per_step // minibatches, r.group_size
     rows, p, n, q = g * k, r.max_prompt_len, r.max_new_tokens, r.max_privileged_len
     batch = {
         "prompt": _rows(mesh, (g, p), jnp.int32),
@@ -147,6 +153,21 @@ def sft_batch(config, mesh):
     }
 
 
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of an abstract tree (each leaf's shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _with_rows(mesh, tree):
+    """Abstract outputs of a per-row function (old / reference log-probs, teacher hidden
+    states) as the step receives them: split over the data axes like the batch."""
+    return jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), tree)
+
+
 def _rng(mesh):
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
@@ -160,7 +181,7 @@ def _sampler(graphdef, cfg, mesh, params, rows):
 
 def programs(config, mesh) -> list[Program]:
     """Every program a run of `config` executes, with abstract arguments on `mesh`."""
-    from jaxtrace import trainer  # noqa: PLC0415 (trainer imports the heavy run-time pieces)
+    from jaxtrace import algos, phases, trainer  # noqa: PLC0415 (the run-time pieces)
 
     model_cfg = model_config(config)
     graphdef, _ = abstract_model(model_cfg)
@@ -168,9 +189,16 @@ def programs(config, mesh) -> list[Program]:
     optimizer = steps.make_optimizer(o.lr, o.warmup_steps, o.grad_clip, o.weight_decay, o.b1, o.b2)
     state = abstract_state(model_cfg, optimizer, mesh)
     lam = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-    rl_step = steps.make_rl_step(graphdef, optimizer, trainer.loss_config(config))
-    g, k = r.prompts_per_step, r.group_size
-    shape = f"{g}x{k} rows, P={r.max_prompt_len} N={r.max_new_tokens}"
+    loss = phases.loss_config(config, algos.resolve(a))
+    rl_step = steps.make_rl_step(graphdef, optimizer, loss)
+    g, k, m = r.prompts_per_step, r.group_size, a.num_minibatches
+    multi = a.num_minibatches * a.ppo_epochs > 1  # old log-probs (and teacher) once per batch
+    full = f"{g}x{k} rows, P={r.max_prompt_len} N={r.max_new_tokens}"
+    shape = (
+        full if m == 1 else f"{g // m}x{k} rows (1 of {m} mini-batches)" + full[full.index(",") :]
+    )
+    # The reference KL's frozen params stay in HBM beside every program of the RL step.
+    reference = _per_device_bytes(state["params"]) if a.ref_kl_coef > 0 else 0
     out = []
     if config.sft.steps > 0 and not config.init_from:
         sft_opt = steps.make_optimizer(
@@ -185,12 +213,27 @@ def programs(config, mesh) -> list[Program]:
                 f"{config.sft.batch_size} rows, Q={r.max_privileged_len} N={r.max_new_tokens}",
             )
         )
-    teacher_modes = trainer.teacher_phases(config)
-    for teacher in teacher_modes:
-        name = "rl_step+teacher" if teacher else "rl_step"
-        batch = rl_batch(config, mesh, teacher)
+    logprob_fn = steps.make_logprob_fn(graphdef, a.kl_implementation or None)
+    teacher_fn = steps.make_teacher_hidden_fn(graphdef)
+    if multi or reference:  # once per rollout batch: the behaviour's and the reference's
+        args = (state["params"], rl_batch(config, mesh, False, m))
+        out.append(Program("logprobs", logprob_fn, args, shape + " (old / reference)", reference))
+        logp = _with_rows(mesh, jax.eval_shape(logprob_fn, *args))
+    for teacher in trainer.teacher_phases(config):
+        batch = rl_batch(config, mesh, teacher, m)
         what = shape + (f" Q={r.max_privileged_len}" if teacher else "")
-        out.append(Program(name, rl_step, (state, batch, lam, teacher), what))
+        if multi:
+            batch = {**batch, "old_logp": logp}
+        if reference:
+            batch = {**batch, "ref_logp": logp}
+        if multi and teacher:
+            out.append(
+                Program("teacher_hidden", teacher_fn, (state["params"], batch), what, reference)
+            )
+            hidden = jax.eval_shape(teacher_fn, state["params"], batch)
+            batch = {**batch, "teacher_hidden": _with_rows(mesh, hidden)}
+        name = "rl_step+teacher" if teacher else "rl_step"
+        out.append(Program(name, rl_step, (state, batch, lam, teacher), what, reference))
     if a.name == "trace" and a.annotator == "divergence":
         fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
         out.append(
@@ -198,7 +241,7 @@ def programs(config, mesh) -> list[Program]:
                 "divergence",
                 fn,
                 (state["params"], rl_batch(config, mesh, True)),
-                shape + f" Q={r.max_privileged_len}",
+                full + f" Q={r.max_privileged_len}",
             )
         )
     sampling = trainer.rollout_sampling(config, (_EOS,), _PAD)
@@ -261,7 +304,10 @@ def compile_program(prog: Program, mesh) -> Result:
             status, first = "does not fit", f"needs {hbm.group(1)} of {hbm.group(2)} HBM (XLA)"
         elif vmem:
             first = f"VMEM overflow, used {vmem.group(1)} of {vmem.group(2)}: {first[:200]}"
-        return Result(prog.name, status, first[:300], compile_s=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return Result(
+            prog.name, status, first[:300], compile_s=seconds, resident_bytes=prog.resident_bytes
+        )
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -273,6 +319,7 @@ def compile_program(prog: Program, mesh) -> Result:
         output_bytes=int(getattr(mem, "output_size_in_bytes", 0)),
         alias_bytes=int(getattr(mem, "alias_size_in_bytes", 0)),
         temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
+        resident_bytes=prog.resident_bytes,
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         compile_s=seconds,

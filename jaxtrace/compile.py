@@ -6,7 +6,8 @@
 
 The config and its `--config.<key>=<value>` overrides are the ones `jaxtrace.train` takes; the
 mesh comes from the config exactly as on the slice. Each program (SFT step, RL step with and
-without the teacher, divergence pass, rollout sampler, eval sampler, self-annotation sampler) is
+without the teacher, the once-per-rollout-batch log-prob and teacher passes of PPO mini-batches
+and the reference KL, divergence pass, rollout sampler, eval sampler, self-annotation sampler) is
 built by the trainer's own constructors at the config's shapes from abstract params (nothing is
 allocated) and compiled by XLA:TPU and Mosaic for the slice's chips (libtpu describes the
 topology; no TPU is needed). One table: compiled or the first error line, per-chip HBM
@@ -58,7 +59,8 @@ def define_flags() -> None:
         "programs",
         [],
         "Only these programs (default: every program the run executes): sft_step, rl_step, "
-        "rl_step+teacher, divergence, sampler, eval_sampler, self_annotate.",
+        "rl_step+teacher, logprobs and teacher_hidden (PPO mini-batches / reference KL), "
+        "divergence, sampler, eval_sampler, self_annotate.",
     )
     _F.json = flags.DEFINE_string("json", "", "Also write the results as JSON to this path.")
     flags.mark_flags_as_required(["config", "topology"])

@@ -11,11 +11,13 @@ import dataclasses
 import math
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
+from jaxtrace import algos
 from jaxtrace.errors import ConfigError
 from jaxtrace.models.config import ModelConfig, preset
 
-ALGOS = ("trace", "grpo", "dapo", "drgrpo", "opsd", "opsd+grpo")
+ALGOS = tuple(algos.PRESETS)
 ANNOTATORS = ("oracle", "file", "api", "self", "divergence", "none")
 TASKS = ("arithmetic", "gsm8k", "jsonl")
 
@@ -64,13 +66,24 @@ def base() -> ml_collections.ConfigDict:
             kl_decay_steps=20,
             kl_decay="linear",
             opsd_route="fkl",  # opsd modes: the KL on every token (fkl | rkl)
-            eps_low=0.2,
-            eps_high=0.28,
-            norm="token",
-            adv_scale="std",
-            ref_kl_coef=0.0,
-            overlong_filter=False,
-            overlong_cache_len=0,
+            # None = the value `name`'s preset gives (jaxtrace.algos, which documents them).
+            eps_low=placeholder(float),
+            eps_high=placeholder(float),
+            norm=placeholder(str),  # token | sequence | constant
+            adv_scale=placeholder(str),  # std | none
+            adv_std_ddof=placeholder(int),
+            overlong_filter=placeholder(bool),
+            dynamic_sampling=placeholder(bool),  # drop zero-variance groups, refill (DAPO)
+            max_sampling_tries=4,  # dynamic sampling: rollout batches drawn per step at most
+            overlong_cache_len=0,  # soft overlong penalty zone (tokens); shapes rewards only
+            # PPO: optimizer updates per rollout batch = num_minibatches * ppo_epochs, each on a
+            # mini-batch of whole groups; the ratio to the behaviour (pre-update) policy and
+            # its clipping act from the second update on.
+            num_minibatches=1,
+            ppo_epochs=1,
+            clip_ratio_c=0.0,  # dual clip (verl): cap on -A * ratio for A < 0; 0 = off, else > 1
+            ref_kl_coef=0.0,  # KL to a frozen copy of the initial params, on GRPO tokens
+            ref_kl_estimator="k3",  # k3 (low variance, >= 0) | k1 (plain log-ratio)
             annotator="oracle",  # oracle (task's own checker) | file | api | self | divergence
             annotation_file="",
             api_base_url="",
@@ -239,7 +252,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"algo.kl_decay={c.algo.kl_decay!r}; choose linear | cosine | constant",
     )
     need(c.algo.opsd_route in ("fkl", "rkl"), f"algo.opsd_route={c.algo.opsd_route!r}")
-    need(c.algo.norm in ("token", "sequence", "constant"), f"algo.norm={c.algo.norm!r}")
+    _validate_algo(c, need)
     need(c.data.template in ("plain", "qwen_chat"), f"data.template={c.data.template!r}")
     if c.data.task in ("gsm8k", "jsonl"):
         need(bool(c.data.train_path), f"data.train_path is required for data.task={c.data.task}")
@@ -268,6 +281,43 @@ def validate(c: ml_collections.ConfigDict) -> None:
         model_config(c)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from e
+
+
+def _validate_algo(c, need) -> None:
+    a = c.algo
+    r = algos.resolve(a)
+    need(r.norm in ("token", "sequence", "constant"), f"algo.norm={r.norm!r}")
+    need(r.adv_scale in ("std", "none"), f"algo.adv_scale={r.adv_scale!r}; choose std | none")
+    need(r.adv_std_ddof in (0, 1), f"algo.adv_std_ddof={r.adv_std_ddof}; choose 0 | 1")
+    need(r.eps_low >= 0 and r.eps_high >= 0, f"algo.eps_low/eps_high must be >= 0, got {r}")
+    need(a.num_minibatches >= 1, f"algo.num_minibatches={a.num_minibatches} must be >= 1")
+    need(a.ppo_epochs >= 1, f"algo.ppo_epochs={a.ppo_epochs} must be >= 1")
+    need(
+        c.rollout.prompts_per_step % a.num_minibatches == 0,
+        f"algo.num_minibatches={a.num_minibatches} must divide rollout.prompts_per_step="
+        f"{c.rollout.prompts_per_step}: a mini-batch takes whole groups",
+    )
+    need(
+        a.clip_ratio_c == 0 or a.clip_ratio_c > 1,
+        f"algo.clip_ratio_c={a.clip_ratio_c}: 0 (off) or > 1",
+    )
+    need(a.max_sampling_tries >= 1, f"algo.max_sampling_tries={a.max_sampling_tries} must be >= 1")
+    need(a.overlong_cache_len >= 0, f"algo.overlong_cache_len={a.overlong_cache_len} must be >= 0")
+    need(
+        a.overlong_cache_len <= c.rollout.max_new_tokens,
+        f"algo.overlong_cache_len={a.overlong_cache_len} exceeds rollout.max_new_tokens="
+        f"{c.rollout.max_new_tokens}",
+    )
+    need(a.ref_kl_coef >= 0, f"algo.ref_kl_coef={a.ref_kl_coef} must be >= 0")
+    need(
+        a.ref_kl_estimator in ("k1", "k3"),
+        f"algo.ref_kl_estimator={a.ref_kl_estimator!r}; choose k1 | k3",
+    )
+    need(
+        not (a.ref_kl_coef > 0 and r.mode == "opsd"),
+        f"algo.ref_kl_coef={a.ref_kl_coef} acts on GRPO tokens and algo.name=opsd has none "
+        "(use opsd+grpo, or ref_kl_coef=0)",
+    )
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:

@@ -8,11 +8,18 @@ Batch keys (R rows): prompt [R, P], prompt_valid [R, P], response [R, N], respon
 for RL also advantages [R], route [R, N] (jaxtrace.losses.trace routes), and, when the teacher is
 used, privileged [R, Q], privileged_valid [R, Q]. For SFT, prompt/response are the supervised
 pair and the loss is cross-entropy on the response tokens.
+
+Optional RL keys, computed once per rollout batch before its updates (`make_logprob_fn`,
+`make_teacher_hidden_fn`): old_logp [R, N] (the behaviour policy's log-probs; without it the
+step is on-policy, old = stop_gradient(current)), ref_logp [R, N] (the frozen reference's, for
+the reference KL), teacher_hidden [R, N, D] (the privileged teacher's hidden states; without it
+the teacher pass runs inside the step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +42,8 @@ class LossConfig:
     norm: str = "token"
     max_len: int | None = None
     ref_kl_coef: float = 0.0
+    ref_kl_estimator: str = "k3"
+    clip_ratio_c: float = 0.0
     opsd_route: int = trace_lib.ROUTE_FKL
     kl_implementation: str | None = None
 
@@ -150,7 +159,7 @@ def _masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _apply_if_finite(optimizer, state, grads, loss):
+def _apply_if_finite(optimizer, state, grads, loss, advance=1):
     """One optimizer update, or none at all when the loss or any gradient is not finite."""
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
@@ -161,8 +170,8 @@ def _apply_if_finite(optimizer, state, grads, loss):
     new_state = {
         "params": keep(new_params, state["params"]),
         "opt_state": keep(new_opt, state["opt_state"]),
-        "step": state["step"] + 1,
-    }  # counts iterations, skipped ones included
+        "step": state["step"] + jnp.asarray(advance, state["step"].dtype),
+    }  # counts iterations (RL: rollout batches), skipped ones included
     return new_state, finite
 
 
@@ -183,11 +192,11 @@ def make_sft_step(graphdef, optimizer):
     return step
 
 
-def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
-    """Routed KL [R, N] between the student and the privileged teacher (same weights,
-    stop-gradient) on the student's own response tokens."""
+def teacher_hidden(graphdef, params, batch):
+    """The privileged teacher's hidden states [R, N, D] on the student's response tokens (same
+    weights, stop-gradient, prompt = privileged [R or G, Q])."""
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params))
-    h_t = jax.lax.stop_gradient(
+    return jax.lax.stop_gradient(
         response_hidden(
             teacher,
             batch["privileged"],
@@ -196,6 +205,19 @@ def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
             batch["response_mask"],
         )
     )
+
+
+def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
+    """Routed KL [R, N] between the student and the privileged teacher on the student's own
+    response tokens. The teacher's hidden states are `batch["teacher_hidden"]` when the batch
+    carries them (computed once per rollout batch by the behaviour weights), else a teacher
+    pass of `params` (stop-gradient). Both sides use the current unembedding: the KL op shares
+    one W, so after a batch's first update the teacher is the behaviour weights' hidden states
+    read through the current W (exact when there is one update per rollout batch)."""
+    if "teacher_hidden" in batch:
+        h_t = jax.lax.stop_gradient(batch["teacher_hidden"])
+    else:
+        h_t = teacher_hidden(graphdef, params, batch)
     r, n, d = h_student.shape
     kl = span_kl_op.span_kl(
         h_student.reshape(r * n, d),
@@ -217,16 +239,23 @@ def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
         kl = teacher_kl(graphdef, model, params, batch, h, route_kl, cfg.kl_implementation)
     else:
         kl = jnp.zeros_like(logp)
+    # Without the behaviour log-probs the step is on-policy: ratio 1, the PG gradient -A grad logp.
+    old_logp = batch.get("old_logp", jax.lax.stop_gradient(logp))
+    if cfg.ref_kl_coef and "ref_logp" not in batch:
+        raise ValueError(f"ref_kl_coef={cfg.ref_kl_coef} needs batch['ref_logp']")
     loss, metrics = trace_lib.trace_loss(
         logp,
-        jax.lax.stop_gradient(logp),
+        old_logp,
         batch["advantages"],
         batch["route"],
         kl,
         lam,
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
+        ref_logp_BxT=batch.get("ref_logp") if cfg.ref_kl_coef else None,
         ref_kl_coef=cfg.ref_kl_coef,
+        ref_kl_estimator=cfg.ref_kl_estimator,
+        clip_ratio_c=cfg.clip_ratio_c,
         norm=cfg.norm,
         max_len=cfg.max_len,
         mode=cfg.mode,
@@ -238,18 +267,42 @@ def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
 
 
 def make_rl_step(graphdef, optimizer, cfg: LossConfig):
-    """`step(state, batch, lam, use_teacher)`; compiles at most twice (with / without teacher)."""
+    """`step(state, batch, lam, use_teacher, advance=1) -> (state, metrics)`: one optimizer
+    update on `batch` (a rollout batch, or a mini-batch of one). `state["step"]` counts rollout
+    batches, so it moves by `advance` (traced: 1 on a batch's last update, 0 on the others).
+    Compiles at most twice (with / without teacher)."""
 
-    def step(state, batch, lam, use_teacher):
+    def step(state, batch, lam, use_teacher, advance=1):
         grad_fn = jax.value_and_grad(
             lambda p: rl_loss(graphdef, p, batch, lam, cfg, use_teacher), has_aux=True
         )
         (loss, metrics), grads = grad_fn(state["params"])
-        state, finite = _apply_if_finite(optimizer, state, grads, loss)
+        state, finite = _apply_if_finite(optimizer, state, grads, loss, advance)
         metrics.update(grad_norm=optax.global_norm(grads), finite=finite)
         return state, metrics
 
     return jax.jit(step, static_argnums=3, donate_argnums=0)
+
+
+def make_logprob_fn(graphdef, impl=None):
+    """`fn(params, batch) -> logp [R, N]`: log-probs of the response tokens under `params`
+    (0 on padding). The behaviour policy's before a rollout batch's updates (old_logp), or the
+    frozen reference's (ref_logp); no gradient, so nothing is kept for a backward pass."""
+
+    @jax.jit
+    def fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        args = (batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"])
+        logp, _ = _token_logprobs(model, response_hidden(model, *args), batch["response"], impl)
+        return jnp.where(batch["response_mask"], logp, 0.0)
+
+    return fn
+
+
+def make_teacher_hidden_fn(graphdef):
+    """`fn(params, batch) -> teacher_hidden [R, N, D]` (see `teacher_hidden`), once per rollout
+    batch, so its mini-batch updates reuse one teacher pass."""
+    return jax.jit(functools.partial(teacher_hidden, graphdef))
 
 
 def make_divergence_fn(graphdef, impl=None):

@@ -7,7 +7,6 @@ function of the step or lives in the checkpoint's JSON, so a resumed run is bitw
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -19,13 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrace import checkpoint, evaluation, metrics, paths, rl, sharding, steps
+from jaxtrace import algos, checkpoint, evaluation, metrics, paths, rl, sharding, steps
 from jaxtrace.config import model_config, validate
 from jaxtrace.data import tasks
 from jaxtrace.data import tokenizer as tok_lib
 from jaxtrace.errors import ConfigError
-from jaxtrace.losses import trace as trace_lib
 from jaxtrace.models import abstract_model
+from jaxtrace.phases import (
+    RLPhases,
+    kl_lambda,
+    loss_config,
+    prompt_indices,  # noqa: F401 (the data position; moved to phases)
+)
 from jaxtrace.rewards import MathVerifier
 from jaxtrace.rollout import SamplingConfig, make_generate
 from jaxtrace.workdir_lock import WorkdirLock
@@ -87,7 +91,9 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
         if config.algo.name in ("trace", "opsd", "opsd+grpo"):
             encoder.privileged([e], [True])
             encoder.privileged([e], [False])
+    # Each update's batch is one mini-batch of whole groups (algo.num_minibatches per rollout).
     rows = config.rollout.prompts_per_step * config.rollout.group_size
+    rows //= config.algo.num_minibatches
     dp = jax.device_count()
     mesh_dp = 1
     for axis in ("data", "fsdp", "expert"):
@@ -95,8 +101,8 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
         mesh_dp *= dp if size == -1 else size
     if rows % max(mesh_dp, 1):
         raise ValueError(
-            f"rollout batch prompts_per_step*group_size={rows} is not divisible by "
-            f"the data-parallel size {mesh_dp}"
+            f"rollout mini-batch prompts_per_step*group_size/algo.num_minibatches={rows} is "
+            f"not divisible by the data-parallel size {mesh_dp}"
         )
 
 
@@ -122,7 +128,7 @@ def init_params(config, model_cfg, mesh):
     return sharding.init_sharded(model_cfg, mesh, seed=config.seed)
 
 
-def make_annotator(config, train_examples, generate_text=None):
+def make_annotator(config, train_examples, generate_text=None, tokenizer=None):
     from jaxtrace import annotate  # noqa: PLC0415
 
     kind = config.algo.annotator
@@ -140,7 +146,13 @@ def make_annotator(config, train_examples, generate_text=None):
             config.algo.api_timeout_s,
         )
     if kind == "self":
-        return annotate.SelfAnnotator(generate_text)
+        if tokenizer is None:
+            return annotate.SelfAnnotator(generate_text)
+        return annotate.SelfAnnotator(
+            generate_text,
+            tokenizer=tokenizer,
+            max_prompt_tokens=self_prompt_budget(config.rollout),
+        )
     return None  # divergence / none
 
 
@@ -219,15 +231,6 @@ def place_state(state, mesh):
     return jax.tree.map(put, state)
 
 
-def prompt_indices(step: int, n: int, num_examples: int, seed: int) -> np.ndarray:
-    """The examples of RL step `step`: a fresh permutation per epoch, a pure function of step."""
-    out = []
-    for k in range(step * n, (step + 1) * n):
-        epoch, pos = divmod(k, num_examples)
-        out.append(np.random.default_rng([seed, epoch]).permutation(num_examples)[pos])
-    return np.asarray(out)
-
-
 class _Preemption:
     """SIGTERM -> finish the current step, save, exit cleanly."""
 
@@ -250,43 +253,16 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def loss_config(config) -> steps.LossConfig:
-    """The RL loss settings of `config.algo` (dapo / drgrpo are grpo presets)."""
-    a = config.algo
-    return steps.LossConfig(
-        mode={"dapo": "grpo", "drgrpo": "grpo"}.get(a.name, a.name),
-        eps_low=a.eps_low,
-        eps_high=a.eps_high if a.name != "grpo" else a.eps_low,
-        norm="constant" if a.name == "drgrpo" else a.norm,
-        max_len=config.rollout.max_new_tokens,
-        ref_kl_coef=a.ref_kl_coef,
-        opsd_route=trace_lib.ROUTE_RKL if a.opsd_route == "rkl" else trace_lib.ROUTE_FKL,
-        kl_implementation=a.kl_implementation or None,
-    )
-
-
 def teacher_phases(config) -> tuple[bool, ...]:
     """The `use_teacher` values the RL step compiles for over the run (`rl.build_batch` asks
     for the teacher in OPSD modes, and in TRACE while the KL coefficient is above 0)."""
-    a = config.algo
-    if a.name in ("opsd", "opsd+grpo"):
+    algo = algos.resolve(config.algo)
+    if algo.mode in ("opsd", "opsd+grpo"):
         return (True,)
-    if a.name != "trace":
+    if algo.mode != "trace":
         return (False,)
-    lams = {
-        float(
-            trace_lib.kl_coef(
-                s,
-                lambda0=a.kl_lambda0,
-                warmup_steps=a.kl_warmup_steps,
-                decay_steps=a.kl_decay_steps,
-                decay=a.kl_decay,
-            )
-        )
-        > 0
-        for s in range(max(config.train.steps, 1))
-    }
-    return tuple(sorted(lams, reverse=True))
+    steps_ = range(max(config.train.steps, 1))
+    return tuple(sorted({kl_lambda(config.algo, algo, s) > 0 for s in steps_}, reverse=True))
 
 
 def rollout_sampling(config, stop_tokens, pad_id) -> SamplingConfig:
@@ -378,6 +354,15 @@ def check_resume_matches(config) -> None:
         )
 
 
+def reference_params(config, graphdef, params, encoder, train, mesh, writer):
+    """The frozen reference of the reference KL: the params RL starts from (the saved warm start
+    when there is one, so a resumed run gets the same), copied, since the train step donates
+    the state's buffers."""
+    if config.sft.steps > 0 and not config.init_from:
+        params = warm_start(config, graphdef, params, encoder, train, mesh, writer)
+    return jax.tree.map(jnp.copy, params)
+
+
 def run(config) -> dict:
     """Trains as `config` says; returns {"before": eval, "after": eval, "steps": n, ...}.
 
@@ -462,14 +447,20 @@ def _run(config, mesh) -> dict:
         results["before"] = host["before"]
         log.info("resumed from step %d", int(state["step"]))
 
-    mode = {"dapo": "grpo", "drgrpo": "grpo"}.get(a.name, a.name)
-    rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config))
+    algo = algos.resolve(a)
+    log.info("algorithm %s: %s", a.name, algo)
+    rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config, algo))
     sampling = rollout_sampling(config, (tokenizer.eos_id,), tokenizer.pad_id)
     generate = make_generate(graphdef, sampling)
-    divergence = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
     annotator = make_annotator(
-        config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r)
+        config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r), tokenizer
     )
+    phases = RLPhases(
+        config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step
+    )
+    ref_params = None
+    if a.ref_kl_coef > 0:  # a frozen copy of the params RL starts from (the same on resume)
+        ref_params = reference_params(config, graphdef, params, encoder, train, mesh, writer)
 
     start = int(state["step"])
     bar = metrics.progress(
@@ -478,43 +469,11 @@ def _run(config, mesh) -> dict:
     t_last, step_times = time.perf_counter(), []
     with _Preemption() as preempt:
         for step in range(start, config.train.steps):
-            lam = float(
-                trace_lib.kl_coef(
-                    step,
-                    lambda0=a.kl_lambda0,
-                    warmup_steps=a.kl_warmup_steps,
-                    decay_steps=a.kl_decay_steps,
-                    decay=a.kl_decay,
-                )
-            )
-            lam = lam if a.name == "trace" else (a.kl_lambda0 if mode.startswith("opsd") else 0.0)
-            idx = prompt_indices(step, r.prompts_per_step, len(train), config.seed)
-            chosen = [train[i] for i in idx]
-            prompt, valid = encoder.student(chosen)
-            rng = jax.random.fold_in(jax.random.key(config.seed), step)
-            placed = sharding.shard_rows((prompt, valid), mesh)
-            out = sharding.to_host(generate(state["params"], *placed, rng, None))
-            examples = [e for e in chosen for _ in range(r.group_size)]
-            texts = [
-                tokenizer.decode(row[m]) for row, m in zip(out["response"], out["response_mask"])
-            ]
-            rewards, vstats = rl.score_rewards(verifier, texts, [e.answer for e in examples])
-            batch, host_m, use_teacher = rl.build_batch(
-                out,
-                examples,
-                rewards,
-                group_size=r.group_size,
-                tokenizer=tokenizer,
-                encoder=encoder,
-                algo=a,
-                annotator=annotator,
-                lam=lam,
-                divergence_fn=functools.partial(_divergence, divergence, state["params"], mesh),
-            )
-            state, m = rl_step(
-                state, sharding.shard_step_batch(batch, mesh), jnp.float32(lam), use_teacher
-            )
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            lam = kl_lambda(a, algo, step)
+            sample, vstats, sample_m = phases.rollout_and_score(state["params"], step)
+            batch, host_m, use_teacher = phases.build_batch(sample, lam, state["params"])
+            state, m = phases.update(state, batch, sample, lam, use_teacher, ref_params)
+            host_m.update(sample_m)
             if not m.pop("finite"):
                 host["consecutive_nonfinite"] += 1
                 host["skipped_steps"] += 1
@@ -591,15 +550,16 @@ def _quarantine_skipped(ckpt) -> None:
         ckpt.manager.reload()
 
 
-def _divergence(fn, params, mesh, batch):
-    return sharding.to_host(fn(params, sharding.shard_step_batch(batch, mesh)))
+def self_prompt_budget(r) -> int:
+    """Tokens of a self-annotation prompt (instructions, problem, reference, response)."""
+    return 4 * r.max_privileged_len
 
 
 def self_annotation_sampling(r, eos_id, pad_id) -> SamplingConfig:
-    """Self-annotation: the current policy, greedy, on prompts of up to 4x the privileged
-    width, answering in up to twice the rollout budget."""
+    """Self-annotation: the current policy, greedy, on prompts of up to `self_prompt_budget`
+    tokens, answering in up to twice the rollout budget."""
     return SamplingConfig(
-        max_prompt_len=4 * r.max_privileged_len,
+        max_prompt_len=self_prompt_budget(r),
         max_new_tokens=2 * r.max_new_tokens,
         greedy=True,
         stop_tokens=(eos_id,),
@@ -608,7 +568,9 @@ def self_annotation_sampling(r, eos_id, pad_id) -> SamplingConfig:
 
 
 def _self_generate(graphdef, get_params, tokenizer, r):
-    """generate_fn for self-annotation: the current policy, greedy, prompts cut to fit."""
+    """generate_fn for self-annotation: the current policy, greedy. The annotator builds prompts
+    that fit the budget (shortening the response's middle); one that does not is an error,
+    never cut from the left, which would drop the instructions and the problem."""
     cfg = self_annotation_sampling(r, tokenizer.eos_id, tokenizer.pad_id)
     budget = cfg.max_prompt_len
     gen = None
@@ -616,7 +578,9 @@ def _self_generate(graphdef, get_params, tokenizer, r):
     def generate_text(prompts):
         nonlocal gen
         gen = gen or make_generate(graphdef, cfg)
-        ids = [tokenizer.encode(p)[-budget:] for p in prompts]
+        ids = [tokenizer.encode(p) for p in prompts]
+        if max(map(len, ids), default=0) > budget:
+            raise ValueError(f"a self-annotation prompt exceeds its {budget}-token budget")
         from jaxtrace.rollout import left_pad  # noqa: PLC0415
 
         out = gen(get_params(), *left_pad(ids, budget, tokenizer.pad_id), jax.random.key(0), None)

@@ -28,6 +28,8 @@ from jaxtrace.annotate import (
     request_key,
     token_mask_to_spans,
 )
+from jaxtrace.annotate.prompt import ELISION, build_policy_prompt, render_for_policy
+from jaxtrace.data import tokenizer as tok_lib
 
 # -- char spans -> token mask ------------------------------------------------------------------
 
@@ -528,6 +530,86 @@ def test_self_annotator_broken_generate_fn(generate_fn):
     assert all(r.status == "failed" and r.spans == () for r in results)
     assert ann.stats.failed == 2
     assert ann.annotate([]) == []
+
+
+class ChatCharTokenizer(tok_lib.Tokenizer):
+    """A fake chat policy's tokenizer: one token per character, and a ChatML chat template."""
+
+    vocab_size, pad_id, eos_id, bos_id = 256, 0, 1, None
+    chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+    def encode(self, text):
+        return [2 + ord(c) % 250 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 2) for i in ids if i >= 2)
+
+
+def test_fake_chat_policy_receives_its_template():
+    seen = []
+    ann = SelfAnnotator(
+        lambda prompts: seen.extend(prompts) or ['{"spans": ["Let x = 5."]}'] * len(prompts),
+        tokenizer=ChatCharTokenizer(),
+        max_prompt_tokens=10_000,
+    )
+    (result,) = ann.annotate([_req()])
+    (prompt,) = seen
+    assert prompt.startswith("<|im_start|>system\nYou are a meticulous math teacher")
+    assert "<|im_end|>\n<|im_start|>user\nProblem:\nFind y." in prompt
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and RESPONSE in prompt
+    assert result.status == "ok" and RESPONSE[slice(*result.spans[0])] == "Let x = 5."
+    # Without a chat template the policy gets the plain text prompt.
+    plain = type("Plain", (ChatCharTokenizer,), {"chat_template": None})()
+    seen.clear()
+    SelfAnnotator(
+        lambda p: seen.extend(p) or ["{}"] * len(p), tokenizer=plain, max_prompt_tokens=10_000
+    ).annotate([_req()])
+    assert seen[0].startswith("You are a meticulous math teacher") and "<|im_start|>" not in seen[0]
+
+
+def test_self_annotation_prompt_shortens_the_middle_of_the_response():
+    tok = ChatCharTokenizer()
+    head, middle, tail = "Let x = 5. ", "Then y = x + 1 = 6. " * 200, "The answer is 6."
+    request = _req(response=head + middle + tail, problem="Find y, a long way round.")
+    budget = len(tok.encode(build_policy_prompt(_req(response=""), tok, 10**6))) + 300
+    prompt = build_policy_prompt(request, tok, budget)
+    assert len(tok.encode(prompt)) <= budget < len(tok.encode(render_for_policy(request, tok)))
+    # The instructions, the problem, the reference and both ends of the response survive.
+    for kept in ("meticulous math teacher", "Find y, a long way round.", "y = 7", "verbatim"):
+        assert kept in prompt, kept
+    assert head in prompt and tail in prompt and ELISION in prompt
+    assert prompt.count("Then y = x + 1 = 6.") < 200
+    # Quotes from the kept head are still found in the whole response.
+    seen = []
+    ann = SelfAnnotator(
+        lambda p: seen.extend(p) or ['{"spans": ["Let x = 5."]}'],
+        tokenizer=tok,
+        max_prompt_tokens=budget,
+    )
+    (result,) = ann.annotate([request])
+    assert result.spans == ((0, 10),) and len(tok.encode(seen[0])) <= budget
+    # A budget too small for the instructions alone fails that request; nothing is cut.
+    tiny = SelfAnnotator(lambda p: 1 / 0 if p else [], tokenizer=tok, max_prompt_tokens=50)
+    (failed,) = tiny.annotate([request])
+    assert failed.status == "failed" and "budget" in failed.detail
+
+
+def test_parse_failures_are_counted():
+    from types import SimpleNamespace
+
+    from jaxtrace import rl
+
+    ann = SelfAnnotator(lambda p: ['{"spans": ["Let x = 5."]}', "no json here"])
+    tok = ChatCharTokenizer()
+    examples = [SimpleNamespace(question="Find y.", reference="y = 7")] * 2
+    ids = [tok.encode(RESPONSE)] * 2
+    _, _, counts = rl.annotate_masks(
+        ann, tok, examples, ids, [RESPONSE] * 2, np.array([True, True]), 100
+    )
+    assert counts["parse_failed"] == 1 and counts["failed"] == 1
 
 
 # -- divergence spans --------------------------------------------------------------------------

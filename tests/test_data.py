@@ -141,6 +141,61 @@ def test_special_tokens_get_empty_ranges(sp_tok, hf_tok_dir, n):
         assert tok.decode(ids) == tok.decode(ids[:-2])
 
 
+NON_ASCII = "Janet’s ducks — 16 eggs, é ü 5×3=15. Ça coûte 3€; 日本 2 + 2 = 4."
+
+
+def test_offsets_equal_the_prefix_decoding_reference(sp_tok, hf_tok_dir, probe_texts):
+    """The windowed (linear) offsets are exactly the quadratic prefix-decoding ones, also where
+    the window starts mid-word, on special tokens and on multi-byte characters split by BPE."""
+    hf = tok_lib.HFTokenizer(str(hf_tok_dir))
+    for tok in (sp_tok, hf):
+        for text in probe_texts[:30] + [NON_ASCII, " ".join(probe_texts[:3])]:
+            ids = tok.encode(text)
+            want = tok_lib.prefix_offsets(tok, ids)
+            assert tok_lib.windowed_offsets(tok, ids) == want, text  # no fallback taken
+            assert tok.offsets(ids) == want
+        ids = tok.encode(probe_texts[0])
+        ids = ids[:9] + [tok.eos_id] + ids[9:20] + [tok.pad_id] * 3  # specials inside
+        assert tok_lib.windowed_offsets(tok, ids) == tok_lib.prefix_offsets(tok, ids)
+
+
+class _CountingTokenizer(tok_lib.HFTokenizer):
+    decoded = 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return super().decode(ids)
+
+
+def test_offsets_are_linear_in_the_response_length(hf_tok_dir, probe_texts):
+    tok = _CountingTokenizer(str(hf_tok_dir))
+    short = tok.encode(" ".join(probe_texts))
+    long_ids = (short * (1 + 8000 // len(short)))[:8000]  # an 8k-token response
+    tok.decoded = 0
+    offsets = tok.offsets(long_ids)
+    # Each token decodes at most _LAG + _WINDOW ids, plus the final whole-text check.
+    assert tok.decoded <= (tok_lib._LAG + tok_lib._WINDOW + 1) * len(long_ids) + len(long_ids)
+    assert offsets[-1][1] == len(tok.decode(long_ids))
+    head = long_ids[:400]  # the quadratic reference is affordable on a prefix
+    assert tok_lib.windowed_offsets(tok, head) == tok_lib.prefix_offsets(tok, head)
+
+
+def test_hf_chat_template(hf_tok_dir, tmp_path):
+    import shutil
+
+    shutil.copy(hf_tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert tok_lib.HFTokenizer(str(tmp_path)).chat_template is None
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = tok_lib.HFTokenizer(str(tmp_path))
+    text = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    assert text == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode(text)[0] == tok.tok.token_to_id("<|im_start|>")
+
+
 def test_sentencepiece_interface(sp_tok, tmp_path):
     assert sp_tok.vocab_size >= 200  # hard_vocab_limit=False may give fewer than asked
     assert (sp_tok.pad_id, sp_tok.bos_id, sp_tok.eos_id) == (0, 2, 3)

@@ -23,7 +23,7 @@ def close(a, b, atol=ATOL):
 def test_group_advantages_hand_values():
     # groups of 4: mixed, all correct, all wrong, half/half
     rewards = jnp.array([1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0], jnp.float32)
-    adv, zero = L.group_advantages(rewards, 4, eps=0.0)
+    adv, zero = L.group_advantages(rewards, 4, eps=0.0, ddof=0)
     # group 1: mean .25, std sqrt(.25 * .75) = .4330127 -> .75/.433 = 1.7320508, -.25/.433
     # group 4: mean .5, std .5 -> +-1
     want = [1.7320508, -0.5773503, -0.5773503, -0.5773503] + [0.0] * 8 + [1, 1, -1, -1]
@@ -48,7 +48,7 @@ def test_group_advantages_zero_variance_exact():
     adv, zero = L.group_advantages(rewards, 8)
     assert bool(jnp.all(adv == 0.0)) and bool(jnp.all(zero))
     adv, zero = jax.jit(L.group_advantages, static_argnums=1)(jnp.array([2.0, 2.0, 0.0, 1.0]), 2)
-    close(adv, [0, 0, -1, 1], atol=1e-5)
+    close(adv, [0, 0, -(0.5**0.5), 0.5**0.5], atol=1e-5)  # std of (0, 1) with ddof 1
     assert zero.tolist() == [True, True, False, False]
 
 
@@ -277,23 +277,55 @@ def test_overlong_filter_mask():
         L.overlong_filter_mask(mask, jnp.array([True]))
 
 
-def test_presets():
-    grpo, dapo, dr = L.PolicyLossConfig.grpo(), L.PolicyLossConfig.dapo(), L.PRESETS["dr_grpo"]()
-    assert (grpo.scale, grpo.eps_high, grpo.norm) == ("std", 0.2, "sequence")
-    assert (dapo.eps_low, dapo.eps_high, dapo.norm, dapo.overlong_filter) == (
-        0.2,
-        0.28,
-        "token",
-        True,
+def test_dual_clip_hand_values():
+    # A = -1: ratios 0.5 (clipped low: loss 0.8), 2 (unclipped: 2), 4 (dual-clipped at c = 3: 3)
+    logp = jnp.log(jnp.array([[0.5, 2.0, 4.0]]))
+    old = jnp.zeros((1, 3))
+    mask = jnp.ones((1, 3))
+    loss, m = L.policy_gradient_loss(logp, old, -jnp.ones(1), mask, clip_ratio_c=3.0)
+    close(loss, (0.8 + 2.0 + 3.0) / 3)
+    close(m["clip_frac_dual"], 1 / 3)
+    close(m["clip_frac_low"], 1 / 3)
+    grad = jax.grad(
+        lambda lp: L.policy_gradient_loss(lp, old, -jnp.ones(1), mask, clip_ratio_c=3.0)[0]
+    )(logp)
+    close(grad, [[0.0, 2.0 / 3, 0.0]])  # d(-A r)/dlogp = r / 3 where unclipped; 0 where clipped
+    off, m_off = L.policy_gradient_loss(logp, old, -jnp.ones(1), mask)
+    close(off, (0.8 + 2.0 + 4.0) / 3)
+    close(m_off["clip_frac_dual"], 0.0)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        L.policy_gradient_loss(logp, old, -jnp.ones(1), mask, clip_ratio_c=0.9)
+
+
+def test_ref_kl_estimators():
+    logp = jnp.array([[-1.0, -2.0]])
+    ref = logp + jnp.array([[jnp.log(2.0), -0.5]])  # d = ref - logp
+    k1 = L.ref_kl_estimate(logp, ref, "k1")
+    k3 = L.ref_kl_estimate(logp, ref, "k3")
+    close(k1, [[-math.log(2.0), 0.5]])
+    close(k3, [[2 - math.log(2.0) - 1, math.exp(-0.5) + 0.5 - 1]])
+    g1 = jax.grad(lambda lp: jnp.sum(L.ref_kl_estimate(lp, ref, "k1")))(logp)
+    close(g1, [[1.0, 1.0]])  # plain estimator: the gradient of logp itself
+    with pytest.raises(ValueError, match="estimator"):
+        L.ref_kl_estimate(logp, ref, "k2")
+    loss, m = L.policy_gradient_loss(
+        logp,
+        logp,
+        jnp.zeros(1),
+        jnp.ones((1, 2)),
+        ref_logp_BxT=ref,
+        ref_kl_coef=0.5,
+        ref_kl_estimator="k1",
     )
-    assert (dr.scale, dr.norm) == ("none", "constant")
-    assert L.PolicyLossConfig.grpo(ref_kl_coef=0.04).ref_kl_coef == 0.04
-    loss, _ = L.policy_gradient_loss(LOGP, OLD_LOGP, ADV, MASK, **dapo.pg_kwargs())
-    close(loss, 1.02 / 5)
-    loss, _ = L.policy_gradient_loss(LOGP, OLD_LOGP, ADV, MASK, **grpo.pg_kwargs())
-    close(loss, 0.5)
-    with pytest.raises(ValueError, match="norm"):
-        L.PolicyLossConfig(norm="mean")
+    close(loss, 0.5 * float(jnp.mean(k1)))
+    close(m["ref_kl"], float(jnp.mean(k1)))
+
+
+def test_group_advantages_default_std_is_unbiased():
+    rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    adv, _ = L.group_advantages(rewards, 8, eps=0.0)
+    want = (rewards - 0.125) / np.std(np.asarray(rewards), ddof=1)  # torch.std, verl / TRL
+    close(adv, want)
 
 
 # ----------------------------------------------------------------------------- distillation

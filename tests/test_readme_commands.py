@@ -48,15 +48,20 @@ TRAIN_L05 = (
     "python -m jaxtrace.train --config=configs/tiny.py --config.workdir=runs/tiny_l05 "
     "--config.train.steps=100 --config.algo.kl_lambda0=0.5"
 )
+TRAIN_PPO = (
+    "python -m jaxtrace.train --config=configs/tiny.py:grpo --config.algo.num_minibatches=4 "
+    "--config.algo.ref_kl_coef=0.04 --config.workdir=runs/tiny_grpo_ppo"
+)
 EVAL_TINY = "python -m jaxtrace.eval --ckpt=runs/tiny/ckpt --sets=arithmetic"
 EXPORT_TINY = "python -m jaxtrace.export --ckpt=runs/tiny/ckpt --out=hf_out"
 
-# command -> appends SMOKE (a training run)
+# command -> appends SMOKE (a training run); a string: SMOKE and then these overrides too
 RUN = {
     TRAIN_TINY: True,
     TRAIN_RKL: True,
     TRAIN_GRPO: True,
     TRAIN_L05: True,
+    TRAIN_PPO: "--config.rollout.prompts_per_step=4",  # 4 mini-batches of whole groups
     "python -m jaxtrace.train --help": False,
     EVAL_TINY: False,
     EXPORT_TINY: False,
@@ -227,7 +232,8 @@ def workspace(tmp_path_factory):
 
 def run_command(cmd: str, workspace, timeout: int = 600) -> subprocess.CompletedProcess:
     ws, env = workspace
-    line = f"{cmd} {SMOKE}" if RUN.get(cmd) else cmd
+    extra = RUN.get(cmd)
+    line = f"{cmd} {SMOKE}" if extra is True else (f"{cmd} {SMOKE} {extra}" if extra else cmd)
     return subprocess.run(
         ["bash", "-c", line],
         cwd=ws,
@@ -285,8 +291,9 @@ def test_train_tiny_rerun_resumes_and_logs_it(tiny_run, workspace):
         (TRAIN_RKL, "runs/tiny_rkl", {"rkl_on_error_spans": True, "fkl_on_key_spans": False}),
         (TRAIN_GRPO, "runs/tiny_grpo", {"name": "grpo"}),
         (TRAIN_L05, "runs/tiny_l05", {"kl_lambda0": 0.5}),
+        (TRAIN_PPO, "runs/tiny_grpo_ppo", {"num_minibatches": 4, "ref_kl_coef": 0.04}),
     ],
-    ids=["trace_rkl", "grpo", "lambda0.5"],
+    ids=["trace_rkl", "grpo", "lambda0.5", "ppo_minibatches"],
 )
 def test_train_variant(cmd, workdir, expected, workspace):
     out = _ok(run_command(cmd, workspace))

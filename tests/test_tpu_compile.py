@@ -103,6 +103,27 @@ def test_span_kl_fits_vmem(chip, request):
     assert compiled.memory_analysis() is not None
 
 
+def test_span_kl_blocks_too_big_for_v4_are_refused(v4_1):
+    """The issue's v4 failure (blocks of 256 x 512 at D=2048 overflow 16 MiB of VMEM) is now a
+    clear error before Mosaic, and unset blocks are chosen smaller for v4."""
+    from pallas_kernels import span_kl
+    from pallas_kernels.span_kl import kernel_tpu
+
+    devices = v4_1[:1]
+    t, d, v = 512, 2048, 1000
+
+    def loss(h, w, route, blocks):
+        kl = span_kl.span_kl(h, w, route, h_teacher_TxD=h, implementation="pallas_tpu", **blocks)
+        return jnp.sum(kl)
+
+    args = [_sds((t, d), jnp.bfloat16, devices), _sds((d, v), jnp.bfloat16, devices)]
+    args += [_sds((t,), jnp.int32, devices)]
+    with pytest.raises(ValueError, match="VMEM"):
+        _compile(lambda *a: loss(*a, {"block_t": 256, "block_v": 512}), args, devices)
+    assert kernel_tpu.choose_blocks(d, 2, 16 << 20) < (256, 512)
+    _compile(jax.grad(lambda *a: loss(*a, {})), args, devices)
+
+
 def test_span_kl_partitions_over_chips(v5e4):
     """The op on 4 chips with tokens split over them: Mosaic needs shard_map for this."""
     from pallas_kernels import span_kl

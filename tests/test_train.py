@@ -91,6 +91,72 @@ def test_baselines_run(tmp_path, algo):
         assert row["train/frac_fkl"] == 1.0
 
 
+def _ppo_config(workdir, steps):
+    """PPO mini-batches (2 x 2 epochs), the reference KL at DeepSeekMath's 0.04 and dynamic
+    sampling, on TRACE (the teacher's hidden states computed once per rollout batch)."""
+    c = mini_config(workdir, steps=steps)
+    c.rollout.prompts_per_step = 4  # 2 groups per mini-batch: 8 rows, one per forced device
+    c.algo.update(
+        num_minibatches=2,
+        ppo_epochs=2,
+        ref_kl_coef=0.04,
+        dynamic_sampling=True,
+        max_sampling_tries=3,
+    )
+    return c
+
+
+@pytest.mark.slow
+def test_ppo_minibatches_ref_kl_and_dynamic_sampling_resume_exactly(tmp_path):
+    straight = trainer.run(_ppo_config(tmp_path / "a", steps=2))
+    assert straight["steps"] == 2  # state["step"] counts rollout batches, not updates
+    rows = [json.loads(s) for s in open(tmp_path / "a" / "metrics.jsonl")]
+    train_rows = [r for r in rows if "train/loss" in r]
+    for r in train_rows:
+        assert r["train/updates"] == 4 and r["train/skipped_updates"] == 0
+        assert 1 <= r["train/sampling_tries"] <= 3
+        for key in (
+            "ref_kl",
+            "approx_kl",
+            "clip_frac_low",
+            "clip_frac_high",
+            "old_logp_vs_sampler",
+        ):
+            assert np.isfinite(r[f"train/{key}"]), key
+    # The frozen reference is the warm start: at step 2 the policy has moved away from it.
+    assert train_rows[-1]["train/ref_kl"] > 0
+
+    # Resume happens at rollout-batch boundaries: stop after 1, resume to 2, same everything.
+    trainer.run(_ppo_config(tmp_path / "b", steps=1))
+    resumed = trainer.run(_ppo_config(tmp_path / "b", steps=2))
+    for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows_b = [json.loads(s) for s in open(tmp_path / "b" / "metrics.jsonl")]
+    last_a = [r for r in rows if r["step"] == 2 and "train/loss" in r][0]
+    last_b = [r for r in rows_b if r["step"] == 2 and "train/loss" in r][0]
+    last_a.pop("train/step_time_s")
+    last_b.pop("train/step_time_s")
+    assert last_a == last_b
+
+
+def test_bad_algo_settings_fail_validation(tmp_path):
+    for update, match in (
+        ({"num_minibatches": 3}, "num_minibatches=3 must divide"),
+        ({"ppo_epochs": 0}, "ppo_epochs"),
+        ({"ref_kl_coef": -0.1}, "ref_kl_coef"),
+        ({"ref_kl_estimator": "k2"}, "ref_kl_estimator"),
+        ({"name": "opsd", "ref_kl_coef": 0.04}, "opsd has none"),
+        ({"clip_ratio_c": 0.5}, "clip_ratio_c"),
+        ({"max_sampling_tries": 0}, "max_sampling_tries"),
+        ({"norm": "mean"}, "algo.norm='mean'"),
+        ({"overlong_cache_len": 41}, "overlong_cache_len"),
+    ):
+        c = mini_config(tmp_path)
+        c.algo.update(**update)
+        with pytest.raises(ConfigError, match=match):
+            validate(c)
+
+
 def test_bad_configs_fail_before_compute(tmp_path):
     c = mini_config(tmp_path)
     c.rollout.group_size = 1

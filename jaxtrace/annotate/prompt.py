@@ -8,6 +8,7 @@ elisions. Quotes that cannot be found are dropped and counted.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import re
 
@@ -80,6 +81,50 @@ def build_prompt_text(request: AnnotationRequest, max_spans: int = 4) -> str:
     """The same prompt as one string (for a policy sampled without a chat template)."""
     system, user = build_messages(request, max_spans)
     return f"{system['content']}\n\n{user['content']}"
+
+
+ELISION = "\n[... middle of the response left out ...]\n"
+PARSE_FAILURE = "no JSON list of quotes in annotator output"
+
+
+def render_for_policy(request: AnnotationRequest, tokenizer, max_spans: int = 4) -> str:
+    """The prompt as the policy reads it: its chat template when it has one, else plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(build_messages(request, max_spans))
+    return build_prompt_text(request, max_spans)
+
+
+def build_policy_prompt(
+    request: AnnotationRequest, tokenizer, max_tokens: int, max_spans: int = 4
+) -> str | None:
+    """`render_for_policy` in at most `max_tokens` tokens (the self-annotation sampler's budget).
+
+    A prompt too long is shortened in the middle of the student response (its head and tail
+    kept, `ELISION` between them), never in the instructions or the problem; quotes are still
+    located in the whole response. None when the prompt without any response does not fit.
+    """
+    n_tokens = lambda text: len(tokenizer.encode(text))
+    full = render_for_policy(request, tokenizer, max_spans)
+    if n_tokens(full) <= max_tokens:
+        return full
+    bare = dataclasses.replace(request, response=ELISION)
+    room = max_tokens - n_tokens(render_for_policy(bare, tokenizer, max_spans))
+    ids = tokenizer.encode(request.response)
+    for _ in range(8):  # re-tokenising at the cut may merge differently: shrink until it fits
+        if room <= 0:
+            return None
+        head, tail = (room + 1) // 2, room // 2
+        middle = (
+            tokenizer.decode(ids[:head]) + ELISION + tokenizer.decode(ids[-tail:] if tail else [])
+        )
+        short = render_for_policy(
+            dataclasses.replace(request, response=middle), tokenizer, max_spans
+        )
+        over = n_tokens(short) - max_tokens
+        if over <= 0:
+            return short
+        room -= over
+    return None
 
 
 def _quotes_from_json(value) -> tuple[list[str], int] | None:
@@ -204,7 +249,7 @@ def result_from_output(request: AnnotationRequest, output) -> AnnotationResult:
     """Parses an annotator reply for `request`; unparseable output gives status 'failed'."""
     parsed = parse_quotes(output)
     if parsed is None:
-        return failed_result(request, "failed", "no JSON list of quotes in annotator output")
+        return failed_result(request, "failed", PARSE_FAILURE)
     quotes, malformed = parsed
     spans, not_found = locate_quotes(request.response, quotes)
     return AnnotationResult(

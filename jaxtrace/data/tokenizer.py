@@ -2,15 +2,49 @@
 
 `SentencePieceTokenizer` wraps a `.model` file (and can train one from text: the embedded
 default does so at first run); `HFTokenizer` wraps a Hugging Face `tokenizer.json`.
-`offsets(ids)` maps generated ids to (start, end) character ranges of `decode(ids)`, exactly,
-by decoding prefixes, so annotated character spans land on the right tokens.
+`offsets(ids)` maps generated ids to (start, end) character ranges of `decode(ids)`, the ranges
+that decoding every prefix gives (`prefix_offsets`, quadratic), in time linear in the length:
+each token decodes only a short window, so annotated character spans land on the right tokens.
+`apply_chat_template(messages)` renders a chat with the model's own template (HF tokenizers with
+a `chat_template` in tokenizer_config.json), for prompting the policy itself.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 import os
 from collections.abc import Iterable, Sequence
+
+# Linear offsets: each token's end is read off a decode of at most _LAG + _WINDOW ids that
+# starts _LAG ids before an anchor whose end is known; the anchor moves every _WINDOW tokens.
+_LAG, _WINDOW = 4, 8
+
+
+def prefix_offsets(tok, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """The reference: (start, end) of each token from decoding every prefix, O(len(ids)^2)."""
+    out, prev = [], 0
+    for k in range(len(ids)):
+        end = max(len(tok.decode(ids[: k + 1])), prev)
+        out.append((prev, end))
+        prev = end
+    return out
+
+
+def windowed_offsets(tok, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """`Tokenizer.offsets` without its final check: each end from a short window's decode."""
+    out, prev = [], 0
+    anchor, anchor_end, start, base = 0, 0, 0, 0
+    for k in range(len(ids)):
+        raw = anchor_end + len(tok.decode(ids[start : k + 1])) - base
+        end = max(raw, prev)
+        out.append((prev, end))
+        prev = end
+        if k + 1 - anchor >= _WINDOW:
+            anchor, anchor_end = k + 1, raw
+            start = max(anchor - _LAG, 0)
+            base = len(tok.decode(ids[start:anchor]))
+    return out
 
 
 class Tokenizer(abc.ABC):
@@ -27,15 +61,43 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    chat_template: str | None = None  # a Jinja chat template, when the model has one
+
     def offsets(self, ids: Sequence[int]) -> list[tuple[int, int]]:
-        """(start, end) of each token in `decode(ids)`; special tokens get empty ranges."""
-        out, prev = [], 0
-        for k in range(len(ids)):
-            end = len(self.decode(ids[: k + 1]))
-            end = max(end, prev)
-            out.append((prev, end))
-            prev = end
+        """(start, end) of each token in `decode(ids)`; special tokens get empty ranges.
+
+        Equal to `prefix_offsets` in O(len(ids)) decodes of short windows: the end of token k
+        is len(decode(ids[:r])) + len(decode(ids[s:k+1])) - len(decode(ids[s:r])) for an anchor
+        r <= k and s = r - _LAG, which holds whenever decoding is a concatenation away from the
+        window's start (what a start-of-text artefact, such as sentencepiece dropping the first
+        piece's space, or a split multi-byte character, does cancels in the difference). The
+        ends are checked against len(decode(ids)) and fall back to the reference if they miss.
+        """
+        ids = list(ids)
+        out = windowed_offsets(self, ids)
+        if out and out[-1][1] != len(self.decode(ids)):
+            return prefix_offsets(self, ids)
         return out
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """`messages` rendered with the model's chat template, ending with the assistant's turn
+        opened (add_generation_prompt). Raises ValueError when the tokenizer has none."""
+        if not self.chat_template:
+            raise ValueError(f"{type(self).__name__} has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, **self.special_tokens_map
+        )
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {}
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -121,6 +183,20 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"eos token {eos_token!r} is not in {file!r}")
         self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
         self.bos_id = None
+        self.eos_token = eos_token
+        config = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+        if os.path.exists(config):
+            with open(config) as f:
+                template = json.load(f).get("chat_template")
+            # Some models ship a list of named templates; the default one is the chat template.
+            if isinstance(template, list):
+                named = {t.get("name"): t.get("template") for t in template}
+                template = named.get("default")
+            self.chat_template = template if isinstance(template, str) else None
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {"eos_token": self.eos_token}
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

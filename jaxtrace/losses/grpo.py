@@ -5,17 +5,17 @@ length. Log-probs are of the sampled tokens under the current (`logp`), behaviou
 reference (`ref_logp`) policies.
 
 References: DeepSeekMath (GRPO), DAPO (clip-higher, token-level norm, overlong shaping),
-"Understanding R1-Zero-Like Training" (Dr. GRPO: no std scaling, constant length norm).
+"Understanding R1-Zero-Like Training" (Dr. GRPO: no std scaling, constant length norm). The
+settings each algorithm name implies (and the verl / TRL names they match) are in
+`jaxtrace.algos`, the one table the trainer reads.
 """
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxtrace.losses._reduce import (
-    NORMS,
     check_2d,
     check_norm,
     check_same_shape,
@@ -26,7 +26,7 @@ from jaxtrace.losses._reduce import (
 )
 
 
-def group_advantages(rewards_N, group_size, *, scale="std", eps=1e-6, ddof=0):
+def group_advantages(rewards_N, group_size, *, scale="std", eps=1e-6, ddof=1):
     """Group-relative advantages A_i = (r_i - mean_g r) / (std_g r + eps).
 
     Args:
@@ -34,8 +34,8 @@ def group_advantages(rewards_N, group_size, *, scale="std", eps=1e-6, ddof=0):
       group_size: G >= 2 (a static Python int); N must be a multiple of G.
       scale: "std" (GRPO/DAPO) divides by the group std; "none" (Dr. GRPO) only centres.
       eps: added to the std.
-      ddof: std degrees of freedom: 0 = population std (default; the paper does not say),
-        1 = unbiased (torch.std, as in TRL/verl).
+      ddof: std degrees of freedom: 1 = unbiased (default; torch.std, as verl's GRPO advantage
+        and TRL's GRPOTrainer compute it), 0 = population std (x 1/1.069 at G = 8).
 
     Returns:
       adv_N: [N] float32; exactly 0 for every member of a zero-variance group.
@@ -74,12 +74,29 @@ def group_advantages(rewards_N, group_size, *, scale="std", eps=1e-6, ddof=0):
 class PGTerms(NamedTuple):
     """Per-token pieces of the clipped surrogate (all [B, T] float32)."""
 
-    loss: jax.Array  # -min(ratio * A, clip(ratio) * A) + ref_kl_coef * k3(ref || pi)
+    loss: jax.Array  # -min(ratio * A, clip(ratio) * A) [dual clip] + ref_kl_coef * ref_kl
     ratio: jax.Array  # exp(logp - old_logp)
     clipped_low: jax.Array  # 1.0 where A < 0 and ratio < 1 - eps_low (no gradient)
     clipped_high: jax.Array  # 1.0 where A > 0 and ratio > 1 + eps_high (no gradient)
+    clipped_dual: jax.Array  # 1.0 where A < 0 and ratio > clip_ratio_c (dual clip; no gradient)
     approx_kl: jax.Array  # k3 estimate of KL(old || pi): ratio - 1 - log ratio
-    ref_kl: jax.Array  # k3 estimate of KL(pi || ref); 0 without ref_logp
+    ref_kl: jax.Array  # estimate of KL(pi || ref) (`ref_kl_estimator`); 0 without ref_logp
+
+
+REF_KL_ESTIMATORS = ("k1", "k3")
+
+
+def ref_kl_estimate(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman's k1 / k3).
+
+    "k1": logp - ref_logp, unbiased, can be negative; its gradient is grad logp (verl "kl").
+    "k3": exp(ref - logp) - (ref - logp) - 1, unbiased and >= 0 (verl "low_var_kl", TRL's
+    beta term). Gradients flow through `logp` only.
+    """
+    if estimator not in REF_KL_ESTIMATORS:
+        raise ValueError(f"ref KL estimator must be one of {REF_KL_ESTIMATORS}, got {estimator!r}")
+    d = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32)) - logp
+    return -d if estimator == "k1" else jnp.exp(d) - d - 1.0
 
 
 def policy_gradient_terms(
@@ -91,14 +108,22 @@ def policy_gradient_terms(
     eps_high=0.2,
     ref_logp_BxT=None,
     ref_kl_coef=0.0,
+    ref_kl_estimator="k3",
+    clip_ratio_c=0.0,
 ):
     """Per-token clipped PPO surrogate (no masking, no normalisation). See `PGTerms`.
 
     `adv_BxT` is [B, T] (broadcast a per-sequence advantage first). Gradients flow through
     `logp_BxT` only: `old_logp` and `ref_logp` are treated as constants.
+
+    Dual clip (`clip_ratio_c` > 1, 0 = off; Ye et al. 2020, verl's `clip_ratio_c`): on tokens
+    with A < 0 the clipped loss is capped at -clip_ratio_c * A, so a token whose ratio has run
+    far above 1 under a negative advantage stops pushing (its gradient is 0).
     """
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"eps_low/eps_high must be >= 0, got {eps_low}, {eps_high}")
+    if clip_ratio_c and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be 0 (off) or > 1, got {clip_ratio_c}")
     logp = jnp.asarray(logp_BxT, jnp.float32)
     old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp_BxT, jnp.float32))
     adv = jax.lax.stop_gradient(jnp.asarray(adv_BxT, jnp.float32))
@@ -109,6 +134,12 @@ def policy_gradient_terms(
     sg_ratio = jax.lax.stop_gradient(ratio)
     clipped_low = ((adv < 0) & (sg_ratio < 1.0 - eps_low)).astype(jnp.float32)
     clipped_high = ((adv > 0) & (sg_ratio > 1.0 + eps_high)).astype(jnp.float32)
+    if clip_ratio_c:
+        dual = (adv < 0) & (sg_ratio > clip_ratio_c)
+        loss = jnp.where(dual, -clip_ratio_c * adv, loss)  # a constant: no gradient
+        clipped_dual = dual.astype(jnp.float32)
+    else:
+        clipped_dual = jnp.zeros_like(loss)
     sg_log_ratio = jax.lax.stop_gradient(log_ratio)
     approx_kl = jnp.exp(sg_log_ratio) - 1.0 - sg_log_ratio
     if ref_logp_BxT is None:
@@ -116,11 +147,9 @@ def policy_gradient_terms(
             raise ValueError(f"ref_kl_coef={ref_kl_coef} needs ref_logp_BxT")
         ref_kl = jnp.zeros_like(loss)
     else:
-        # k3 (Schulman): unbiased, non-negative estimate of KL(pi || ref) from samples of pi.
-        d = jax.lax.stop_gradient(jnp.asarray(ref_logp_BxT, jnp.float32)) - logp
-        ref_kl = jnp.exp(d) - d - 1.0
+        ref_kl = ref_kl_estimate(logp, ref_logp_BxT, ref_kl_estimator)
         loss = loss + ref_kl_coef * ref_kl
-    return PGTerms(loss, ratio, clipped_low, clipped_high, approx_kl, ref_kl)
+    return PGTerms(loss, ratio, clipped_low, clipped_high, clipped_dual, approx_kl, ref_kl)
 
 
 def pg_metrics(terms, mask_BxT):
@@ -132,6 +161,7 @@ def pg_metrics(terms, mask_BxT):
         "clip_frac_low": low,
         "clip_frac_high": high,
         "clip_frac": low + high,  # disjoint events: A < 0 vs A > 0
+        "clip_frac_dual": masked_mean(sg.clipped_dual, mask_BxT),
         "approx_kl": masked_mean(sg.approx_kl, mask_BxT),
         "ratio_mean": masked_mean(sg.ratio, mask_BxT),
         "ref_kl": masked_mean(sg.ref_kl, mask_BxT),
@@ -148,6 +178,8 @@ def policy_gradient_loss(
     eps_high=0.2,
     ref_logp_BxT=None,
     ref_kl_coef=0.0,
+    ref_kl_estimator="k3",
+    clip_ratio_c=0.0,
     norm="token",
     max_len=None,
 ):
@@ -161,7 +193,9 @@ def policy_gradient_loss(
       logp_BxT, old_logp_BxT: [B, T] log-probs of the sampled tokens.
       adv_B: [B] per-sequence advantages (or [B, T] per-token).
       mask_BxT: [B, T] response tokens that count (bool or 0/1).
-      ref_logp_BxT: optional [B, T] reference-policy log-probs for the k3 KL penalty.
+      ref_logp_BxT: optional [B, T] reference-policy log-probs for the KL penalty
+        (`ref_kl_estimator` "k3" or "k1", see `ref_kl_estimate`).
+      clip_ratio_c: dual-clip constant (> 1), 0 = off.
       norm: "token" (DAPO: sum over all tokens / #tokens in the batch), "sequence" (GRPO: mean
         within each sequence, then over sequences with at least one token), "constant"
         (Dr. GRPO: sum / (B * max_len)).
@@ -169,7 +203,8 @@ def policy_gradient_loss(
 
     Returns:
       (loss scalar float32, metrics dict of float32 scalars: pg_loss, clip_frac_low,
-      clip_frac_high, clip_frac, approx_kl, ratio_mean, ref_kl, n_tokens). No valid tokens -> 0.
+      clip_frac_high, clip_frac, clip_frac_dual, approx_kl, ratio_mean, ref_kl, n_tokens).
+      No valid tokens -> 0.
     """
     check_2d("logp_BxT", logp_BxT)
     check_same_shape(
@@ -193,6 +228,8 @@ def policy_gradient_loss(
         eps_high=eps_high,
         ref_logp_BxT=ref_logp_BxT,
         ref_kl_coef=ref_kl_coef,
+        ref_kl_estimator=ref_kl_estimator,
+        clip_ratio_c=clip_ratio_c,
     )
     loss = reduce_tokens(terms.loss, mask_BxT, norm, max_len=max_len)
     metrics = pg_metrics(terms, mask_BxT)
@@ -240,77 +277,3 @@ def overlong_penalty(lengths, max_len, cache_len):
     # cache_len == 0 is a hard cut-off: -1 only beyond max_len.
     ramp = (soft_start - lengths) / max(float(cache_len), 1.0)
     return jnp.where(lengths <= soft_start, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyLossConfig:
-    """Hyper-parameters of one policy-gradient recipe; the presets are the paper's baselines.
-
-    `pg_kwargs()` gives the keyword arguments of `policy_gradient_loss` (and of `trace_loss`);
-    `scale` goes to `group_advantages`; the trainer applies `overlong_filter` via
-    `overlong_filter_mask` and, when `overlong_cache_len` > 0, adds `overlong_penalty` to rewards.
-    """
-
-    scale: str = "std"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    norm: str = "sequence"
-    ref_kl_coef: float = 0.0
-    overlong_filter: bool = False
-    overlong_cache_len: int = 0
-    max_len: int | None = None  # the constant of norm="constant"; None -> the padded length T
-
-    def __post_init__(self):
-        check_norm(self.norm, NORMS)
-        if self.scale not in ("std", "none"):
-            raise ValueError(f"scale must be 'std' or 'none', got {self.scale!r}")
-        if self.eps_low < 0 or self.eps_high < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps_low}, {self.eps_high}")
-        if self.overlong_cache_len < 0:
-            raise ValueError(f"overlong_cache_len must be >= 0, got {self.overlong_cache_len}")
-
-    def pg_kwargs(self):
-        return {
-            "eps_low": self.eps_low,
-            "eps_high": self.eps_high,
-            "ref_kl_coef": self.ref_kl_coef,
-            "norm": self.norm,
-            "max_len": self.max_len,
-        }
-
-    @classmethod
-    def grpo(cls, **overrides):
-        """DeepSeekMath GRPO: std-scaled advantages, symmetric clip 0.2, sequence-mean.
-
-        DeepSeekMath used a reference KL (beta = 0.04); it is off here (as in DAPO and most recent
-        recipes) because it costs a reference forward pass: pass ref_kl_coef=0.04 to restore it.
-        """
-        return cls(
-            **{"scale": "std", "eps_low": 0.2, "eps_high": 0.2, "norm": "sequence", **overrides}
-        )
-
-    @classmethod
-    def dapo(cls, **overrides):
-        """DAPO: clip-higher (0.2 / 0.28), token-mean, overlong filtering (soft penalty opt-in)."""
-        base = {
-            "scale": "std",
-            "eps_low": 0.2,
-            "eps_high": 0.28,
-            "norm": "token",
-            "overlong_filter": True,
-        }
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def dr_grpo(cls, **overrides):
-        """Dr. GRPO: centred (unscaled) advantages, constant length normalisation."""
-        return cls(
-            **{"scale": "none", "eps_low": 0.2, "eps_high": 0.2, "norm": "constant", **overrides}
-        )
-
-
-PRESETS = {
-    "grpo": PolicyLossConfig.grpo,
-    "dapo": PolicyLossConfig.dapo,
-    "dr_grpo": PolicyLossConfig.dr_grpo,
-}

@@ -187,6 +187,8 @@ def trace_loss(
     eps_high=0.2,
     ref_logp_BxT=None,
     ref_kl_coef=0.0,
+    ref_kl_estimator="k3",
+    clip_ratio_c=0.0,
     norm="token",
     max_len=None,
     mode="trace",
@@ -219,8 +221,8 @@ def trace_loss(
       kl_BxT: [B, T] per-token KL from the KL op, computed with `routes_for_mode(route, mode)`
         (only read on FKL/RKL tokens). May be None in mode "grpo".
       lam: KL coefficient (Python float or traced scalar), e.g. `kl_coef(step, ...)`.
-      eps_low, eps_high, ref_logp_BxT, ref_kl_coef: as `policy_gradient_loss` (the reference KL
-        applies to the GRPO tokens).
+      eps_low, eps_high, ref_logp_BxT, ref_kl_coef, ref_kl_estimator, clip_ratio_c: as
+        `policy_gradient_loss` (the reference KL applies to the GRPO tokens).
       mode: "trace" | "grpo" | "opsd" (KL on every response token, no GRPO) | "opsd+grpo".
       opsd_route: ROUTE_FKL or ROUTE_RKL, the KL used on every response token in the opsd modes.
 
@@ -231,7 +233,8 @@ def trace_loss(
       lam == 0 fallback the three can sum past 1),
       n_fkl_tokens, n_rkl_tokens, n_kl_tokens, kl_fkl_mean, kl_rkl_mean, lambda,
       exposure (= lam * n_kl_tokens; the trainer sums it over steps), clip_frac_low,
-      clip_frac_high, clip_frac, approx_kl, ratio_mean, ref_kl (over the GRPO tokens).
+      clip_frac_high, clip_frac, clip_frac_dual, approx_kl, ratio_mean, ref_kl (over the GRPO
+      tokens).
       No response tokens -> loss 0, no NaN.
     """
     check_2d("logp_BxT", logp_BxT)
@@ -273,6 +276,8 @@ def trace_loss(
         eps_high=eps_high,
         ref_logp_BxT=ref_logp_BxT,
         ref_kl_coef=ref_kl_coef,
+        ref_kl_estimator=ref_kl_estimator,
+        clip_ratio_c=clip_ratio_c,
     )
     # where (not multiply): values on tokens outside a route (padding junk) never reach the sum.
     pg_BxT = jnp.where(grpo, terms.loss, 0.0)

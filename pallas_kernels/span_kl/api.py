@@ -66,11 +66,21 @@ def _resolve(implementation, block_t, block_v, num_tokens, num_vocab, tpu_tiles=
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {impl!r}")
     default_t, default_v = DEFAULT_BLOCKS[impl]
-    if impl in ("pallas_tpu", "interpret") and tpu_tiles and (block_t is None or block_v is None):
+    if impl in ("pallas_tpu", "interpret") and tpu_tiles:
         from pallas_kernels.span_kl import kernel_tpu
 
         d, itemsize, is_logits = tpu_tiles
-        default_t, default_v = kernel_tpu.choose_blocks(d, itemsize, _mesh.vmem_bytes(), is_logits)
+        vmem = _mesh.vmem_bytes()
+        if block_t is None or block_v is None:
+            default_t, default_v = kernel_tpu.choose_blocks(d, itemsize, vmem, is_logits)
+        else:
+            need = kernel_tpu.vmem_need(block_t, block_v, d, itemsize, is_logits)
+            if impl == "pallas_tpu" and need > 0.9 * vmem:
+                raise ValueError(
+                    f"span_kl blocks ({block_t}, {block_v}) at D={d} need ~{need / 2**20:.1f} "
+                    f"MiB of VMEM; the target chip has {vmem / 2**20:.0f} MiB (leave block_t / "
+                    "block_v unset to have them chosen for the chip)"
+                )
     block_t = default_t if block_t is None else block_t
     block_v = default_v if block_v is None else block_v
     for name, value in (("block_t", block_t), ("block_v", block_v)):

@@ -1,0 +1,55 @@
+"""`jaxtrace.aot.programs`: the programs a run executes, at the config's shapes, on a mesh (here
+8 CPU devices; the TPU compiles are tests/test_tpu_compile.py)."""
+
+import jax
+import pytest
+
+from jaxtrace import aot, sharding
+from jaxtrace.config import base
+
+
+def _programs(**changes):
+    c = base()
+    c.rollout.update(prompts_per_step=8, group_size=4, max_new_tokens=12)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:8])
+    return {p.name: p for p in aot.programs(aot.with_placeholders(c), mesh)}
+
+
+def test_trace_compiles_both_teacher_phases_and_the_samplers():
+    progs = _programs()
+    assert set(progs) == {"rl_step+teacher", "rl_step", "sampler", "eval_sampler"}
+    state, batch, _, teacher = progs["rl_step+teacher"].args
+    assert teacher is True and batch["response"].shape == (32, 12)
+    assert batch["prompt"].shape == (8, 40) and batch["privileged"].shape == (32, 88)
+    assert progs["rl_step"].args[1].keys() == {
+        "prompt", "prompt_valid", "response", "response_mask", "advantages", "route"
+    }  # fmt: skip
+    assert batch["response"].sharding.spec[0] is not None  # split over the data axes
+
+
+@pytest.mark.parametrize(
+    "changes, names",
+    [
+        ({"algo__name": "grpo"}, {"rl_step"}),
+        ({"algo__name": "opsd"}, {"rl_step+teacher"}),
+        ({"algo__annotator": "divergence"}, {"rl_step+teacher", "rl_step", "divergence"}),
+        ({"sft__steps": 5}, {"sft_step", "rl_step+teacher", "rl_step"}),
+    ],
+)
+def test_programs_follow_the_algorithm(changes, names):
+    assert set(_programs(**changes)) - {"sampler", "eval_sampler"} == names
+
+
+def test_ppo_minibatches_and_reference_kl():
+    progs = _programs(algo__num_minibatches=2, algo__ppo_epochs=2, algo__ref_kl_coef=0.04)
+    assert {"logprobs", "teacher_hidden"} <= set(progs)
+    _, batch, _, _ = progs["rl_step+teacher"].args
+    assert batch["response"].shape == (16, 12) and batch["prompt"].shape == (4, 40)
+    assert {"old_logp", "ref_logp", "teacher_hidden"} <= set(batch)
+    params = progs["rl_step"].args[0]["params"]
+    per_device = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))  # replicated
+    assert progs["rl_step"].resident_bytes == per_device  # the frozen reference's copy
+    assert _programs()["rl_step"].resident_bytes == 0
