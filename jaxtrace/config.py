@@ -200,6 +200,10 @@ BOUNDS = {
 }
 
 
+# Keys whose None means "the algorithm preset's value" (jaxtrace.algos).
+PRESET_KEYS = ("algo.eps_low", "algo.eps_high")
+
+
 def _get(c: ml_collections.ConfigDict, key: str):
     for part in key.split("."):
         c = c[part]
@@ -210,6 +214,8 @@ def check_bounds(c: ml_collections.ConfigDict) -> None:
     """Every key of BOUNDS is a finite number in its range (ConfigError naming the key)."""
     for key, (lo, hi, lo_inclusive) in BOUNDS.items():
         v = _get(c, key)
+        if v is None and key in PRESET_KEYS:
+            continue  # the algorithm's preset fills it (checked resolved in _validate_algo)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise ConfigError(f"{key}={v!r} must be a finite number")
         above = v >= lo if lo_inclusive else v > lo
