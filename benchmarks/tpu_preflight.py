@@ -62,6 +62,7 @@ def main():
     p.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
     p.add_argument("--topology", default=None, help="override every run's topology")
     p.add_argument("--json", default="", help="write every run's results here")
+    p.add_argument("--programs", default="", help="override every run's --programs (a list)")
     args = p.parse_args()
     runs = [r for r in RUNS if not args.only or r[0] in args.only]
     if args.only and len(runs) != len(args.only):
@@ -69,6 +70,7 @@ def main():
     rows, everything = [], []
     for config, topology, extra, programs in runs:
         topology = args.topology or topology
+        programs = f"--programs={args.programs}" if args.programs else programs
         extra = extra + ([programs] if programs else [])
         first = len(rows)
         with tempfile.TemporaryDirectory() as tmp:
