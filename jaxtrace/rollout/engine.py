@@ -260,17 +260,27 @@ class Engine:
     `sampler.generate`); max_new_B may be per prompt [B] or per row [R].
 
     num_slots: decode slots (0 = one per row; fewer bounds the cache memory, samples then wait
-    for a free slot). min_bucket: the smallest response-length bucket of the cache.
+    for a free slot). min_bucket: the smallest response-length bucket of the cache. min_slots:
+    the slot batch is never compacted below this (smaller batches save little and each size is
+    one more compile).
     `stats` holds the last call's segment count and the (slots, cache length) shapes it used.
     """
 
-    def __init__(self, graphdef, cfg: SamplingConfig, num_slots: int = 0, min_bucket: int = 64):
-        if num_slots < 0 or min_bucket < 1:
+    def __init__(
+        self,
+        graphdef,
+        cfg: SamplingConfig,
+        num_slots: int = 0,
+        min_bucket: int = 64,
+        min_slots: int = 8,
+    ):
+        if num_slots < 0 or min_bucket < 1 or min_slots < 1:
             raise ValueError(
-                f"Engine: num_slots={num_slots} must be >= 0 and min_bucket={min_bucket} >= 1"
+                f"Engine: num_slots={num_slots} must be >= 0, min_bucket={min_bucket} and "
+                f"min_slots={min_slots} >= 1"
             )
         self.graphdef, self.cfg = graphdef, cfg
-        self.num_slots, self.min_bucket = num_slots, min_bucket
+        self.num_slots, self.min_bucket, self.min_slots = num_slots, min_bucket, min_slots
         self._prefill = jax.jit(functools.partial(_prefill, graphdef, cfg))
         self._segment = jax.jit(functools.partial(_segment, graphdef, cfg), donate_argnums=(1, 2))
         self._grow = jax.jit(_grow, static_argnums=1)
@@ -293,7 +303,8 @@ class Engine:
         r, new = b * cfg.num_samples, cfg.max_new_tokens
         queue = [int(i) for i in np.flatnonzero(~_to_host(done0))][::-1]  # pop() takes row 0 first
         cap = self.num_slots or r
-        slots_n = _pow2_at_least(len(queue), cap) if queue else 0
+        slot_bucket = lambda k: min(cap, max(self.min_slots, _pow2_at_least(k, cap)))  # noqa: E731
+        slots_n = slot_bucket(len(queue)) if queue else 0
         self.stats = {"segments": 0, "shapes": []}
         if slots_n:
             length = p + bucket(1, new, self.min_bucket)
@@ -313,7 +324,8 @@ class Engine:
             if need > slots["cache"][0]["k"].shape[2]:
                 slots = self._grow(slots, need)
             n_live = int(live.sum())
-            min_active = n_live if queue else (slots_n // 2 + 1 if slots_n > 1 else 1)
+            can_halve = slot_bucket(slots_n // 2) < slots_n
+            min_active = n_live if queue else (slots_n // 2 + 1 if can_halve else 1)
             self.stats["segments"] += 1
             self.stats["shapes"].append((slots_n, slots["cache"][0]["k"].shape[2]))
             slots, outputs = self._segment(
@@ -332,9 +344,9 @@ class Engine:
             t_host, done_host = (np.array(x) for x in _to_host((slots["t"], slots["done"])))
             done_host |= slot_row < 0
             n_live = int((~done_host).sum())
-            if not queue and 0 < n_live <= slots_n // 2:  # halve the slot batch (or more)
-                keep = np.flatnonzero(~done_host)
-                new_n = _pow2_at_least(n_live, cap)
+            if not queue and 0 < n_live <= slots_n // 2 and slot_bucket(n_live) < slots_n:
+                keep = np.flatnonzero(~done_host)  # halve the slot batch (or more)
+                new_n = slot_bucket(n_live)
                 idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
                 slots = self._compact(slots, jnp.asarray(idx))
                 slot_row = np.concatenate([slot_row[keep], np.full(new_n - n_live, -1)])
@@ -344,7 +356,8 @@ class Engine:
         return self._finish(prompt_BxP, prompt_valid_BxP, outputs)
 
 
-def make_generate(graphdef, cfg: SamplingConfig, num_slots: int = 0, min_bucket: int = 64):
+def make_generate(graphdef, cfg: SamplingConfig, **engine_kwargs):
     """`(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`, like
-    `sampler.make_generate`, decoded by the continuous-batching `Engine`."""
-    return Engine(graphdef, cfg, num_slots=num_slots, min_bucket=min_bucket)
+    `sampler.make_generate`, decoded by the continuous-batching `Engine` (kwargs: its
+    num_slots, min_bucket, min_slots)."""
+    return Engine(graphdef, cfg, **engine_kwargs)
