@@ -248,6 +248,14 @@ def _finish(cfg: SamplingConfig, prompt_BxP, valid_BxP, outputs):
     }
 
 
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
+_segment_jit = jax.jit(_segment, static_argnums=(0, 1), donate_argnums=(3, 4))
+_grow_jit = jax.jit(_grow, static_argnums=1)
+_compact_jit = jax.jit(_compact)
+_empty_jit = jax.jit(_empty_slots, static_argnums=(0, 1, 2))
+_finish_jit = jax.jit(_finish, static_argnums=0)
+
+
 def _to_host(x):
     from jaxtrace import sharding  # noqa: PLC0415 (sharding imports the models package)
 
@@ -281,12 +289,10 @@ class Engine:
             )
         self.graphdef, self.cfg = graphdef, cfg
         self.num_slots, self.min_bucket, self.min_slots = num_slots, min_bucket, min_slots
-        self._prefill = jax.jit(functools.partial(_prefill, graphdef, cfg))
-        self._segment = jax.jit(functools.partial(_segment, graphdef, cfg), donate_argnums=(1, 2))
-        self._grow = jax.jit(_grow, static_argnums=1)
-        self._compact = jax.jit(_compact)
-        self._empty = jax.jit(_empty_slots, static_argnums=(0, 1, 2))
-        self._finish = jax.jit(functools.partial(_finish, cfg))
+        # Module-level jits keyed on (graphdef, cfg): engines of one model share compilations.
+        self._prefill = functools.partial(_prefill_jit, graphdef, cfg)
+        self._segment = functools.partial(_segment_jit, graphdef, cfg)
+        self._finish = functools.partial(_finish_jit, cfg)
         self.stats: dict = {}
 
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
@@ -308,7 +314,7 @@ class Engine:
         self.stats = {"segments": 0, "shapes": []}
         if slots_n:
             length = p + bucket(1, new, self.min_bucket)
-            slots = self._empty(model_cfg, slots_n, length)
+            slots = _empty_jit(model_cfg, slots_n, length)
             slot_row = np.full(slots_n, -1, np.int32)
             t_host = np.ones(slots_n, np.int32)
             done_host = np.ones(slots_n, bool)
@@ -322,7 +328,7 @@ class Engine:
             live = ~done_host & (slot_row >= 0)
             need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
             if need > slots["cache"][0]["k"].shape[2]:
-                slots = self._grow(slots, need)
+                slots = _grow_jit(slots, need)
             n_live = int(live.sum())
             can_halve = slot_bucket(slots_n // 2) < slots_n
             min_active = n_live if queue else (slots_n // 2 + 1 if can_halve else 1)
@@ -348,7 +354,7 @@ class Engine:
                 keep = np.flatnonzero(~done_host)  # halve the slot batch (or more)
                 new_n = slot_bucket(n_live)
                 idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
-                slots = self._compact(slots, jnp.asarray(idx))
+                slots = _compact_jit(slots, jnp.asarray(idx))
                 slot_row = np.concatenate([slot_row[keep], np.full(new_n - n_live, -1)])
                 slot_row = slot_row.astype(np.int32)
                 t_host, done_host = t_host[idx], done_host[idx] | (slot_row < 0)
