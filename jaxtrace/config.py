@@ -16,6 +16,7 @@ from jaxtrace.models.config import ModelConfig, preset
 ALGOS = ("trace", "grpo", "dapo", "drgrpo", "opsd", "opsd+grpo")
 ANNOTATORS = ("oracle", "file", "api", "self", "divergence", "none")
 TASKS = ("arithmetic", "gsm8k", "jsonl")
+ENGINES = ("continuous", "static")  # rollout.engine (jaxtrace.rollout.engine.ENGINES)
 
 
 def model_dict(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -50,6 +51,8 @@ def base() -> ml_collections.ConfigDict:
             max_new_tokens=40,
             temperature=1.0,
             top_p=1.0,
+            engine="continuous",  # continuous (rollout/engine.py) | static (rollout/sampler.py)
+            decode_slots=0,  # continuous engine: decode slots (0 = one per rollout row)
         )
     )
     c.algo = ml_collections.ConfigDict(
@@ -141,6 +144,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.rollout.temperature > 0, f"rollout.temperature={c.rollout.temperature} must be > 0")
     need(0 < c.rollout.top_p <= 1, f"rollout.top_p={c.rollout.top_p} must be in (0, 1]")
     need(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    need(
+        c.rollout.engine in ENGINES,
+        f"rollout.engine={c.rollout.engine!r}; choose from {ENGINES}",
+    )
+    need(c.rollout.decode_slots >= 0, f"rollout.decode_slots={c.rollout.decode_slots} must be >= 0")
     need(c.train.steps >= 0, f"train.steps={c.train.steps} must be >= 0")
     need(c.optim.lr > 0, f"optim.lr={c.optim.lr} must be > 0")
     need(

@@ -26,7 +26,7 @@ from jaxtrace.data import tokenizer as tok_lib
 from jaxtrace.losses import trace as trace_lib
 from jaxtrace.models import abstract_model
 from jaxtrace.rewards import MathVerifier
-from jaxtrace.rollout import SamplingConfig, make_generate
+from jaxtrace.rollout import SamplingConfig, engine
 
 log = logging.getLogger("jaxtrace")
 
@@ -285,6 +285,8 @@ def run(config) -> dict:
             show_progress=config.train.progress,
             desc=f"eval {tag}",
             mesh=mesh,
+            engine_name=r.engine,
+            decode_slots=r.decode_slots,
         )
 
     ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"), keep=config.train.keep_ckpts)
@@ -331,7 +333,7 @@ def run(config) -> dict:
         stop_tokens=(tokenizer.eos_id,),
         pad_id=tokenizer.pad_id,
     )
-    generate = make_generate(graphdef, sampling)
+    generate = engine.select(graphdef, sampling, model_cfg, r.engine, r.decode_slots)
     divergence = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
     annotator = make_annotator(
         config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r)
@@ -460,7 +462,9 @@ def _self_generate(graphdef, get_params, tokenizer, r):
 
     def generate_text(prompts):
         nonlocal gen
-        gen = gen or make_generate(graphdef, cfg)
+        if gen is None:
+            model_cfg = engine.model_config_of(graphdef, get_params())
+            gen = engine.select(graphdef, cfg, model_cfg, r.engine, r.decode_slots)
         ids = [tokenizer.encode(p)[-budget:] for p in prompts]
         from jaxtrace.rollout import left_pad  # noqa: PLC0415
 

@@ -362,6 +362,22 @@ class Engine:
         return self._finish(prompt_BxP, prompt_valid_BxP, outputs)
 
 
+def select(graphdef, cfg: SamplingConfig, model_cfg, name: str = "continuous", num_slots: int = 0):
+    """The callers' generate function (`rollout.engine` = name): the continuous `Engine`, or the
+    static sampler when asked, or when the engine cannot decode `model_cfg` (logged)."""
+    from jaxtrace.rollout import sampler  # noqa: PLC0415
+
+    if name not in ENGINES:
+        raise ValueError(f"rollout engine {name!r}; choose from {ENGINES}")
+    if name == "continuous":
+        try:
+            check_supported(model_cfg)
+            return Engine(graphdef, cfg, num_slots=num_slots)
+        except ValueError as e:
+            log.warning("%s: falling back to the static sampler", e)
+    return sampler.make_generate(graphdef, cfg)
+
+
 def make_generate(graphdef, cfg: SamplingConfig, **engine_kwargs):
     """`(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`, like
     `sampler.make_generate`, decoded by the continuous-batching `Engine` (kwargs: its
