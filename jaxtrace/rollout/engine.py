@@ -9,9 +9,9 @@ Same API and outputs as `sampler.make_generate` (a drop-in, `rollout.engine="con
   costs O(current length), not O(P + budget), and the cache memory is slots x L, not rows x (P+N).
 - **Continuous batching.** A fixed number of decode slots (`num_slots`, default one per row). The
   host runs jitted *segments* of decode steps (a `while_loop` that exits when a slot frees up
-  while samples wait, when a row needs a bigger bucket, or when enough slots went idle to halve
-  the slot batch); between segments it hands free slots to waiting samples and, once no sample
-  waits, compacts the live rows into a smaller power-of-two slot batch. Rows of a GRPO group do
+  while samples wait, when a row needs a bigger bucket, or when 3/4 of the slots went idle);
+  between segments it hands free slots to waiting samples and, once no sample waits, compacts
+  the live rows into a smaller power-of-two slot batch. Rows of a GRPO group do
   not decode in lockstep.
 - **Shared prompt prefix.** Every prompt is prefilled once (batched, [prompts, P]); a slot that
   takes a sample copies its prompt's KV into its first P cache slots inside the segment.
@@ -330,8 +330,11 @@ class Engine:
             if need > slots["cache"][0]["k"].shape[2]:
                 slots = _grow_jit(slots, need)
             n_live = int(live.sum())
-            can_halve = slot_bucket(slots_n // 2) < slots_n
-            min_active = n_live if queue else (slots_n // 2 + 1 if can_halve else 1)
+            # Once no sample waits, exit when a quarter of the slots or fewer are live: shrinking
+            # by 4x (not 2x) halves the slot shapes compiled for a small loss in the tail.
+            quarter = max(slots_n // 4, 1)
+            can_shrink = slot_bucket(quarter) < slots_n
+            min_active = n_live if queue else (quarter + 1 if can_shrink else 1)
             self.stats["segments"] += 1
             self.stats["shapes"].append((slots_n, slots["cache"][0]["k"].shape[2]))
             slots, outputs = self._segment(
@@ -350,8 +353,8 @@ class Engine:
             t_host, done_host = (np.array(x) for x in _to_host((slots["t"], slots["done"])))
             done_host |= slot_row < 0
             n_live = int((~done_host).sum())
-            if not queue and 0 < n_live <= slots_n // 2 and slot_bucket(n_live) < slots_n:
-                keep = np.flatnonzero(~done_host)  # halve the slot batch (or more)
+            if not queue and 0 < n_live <= quarter and slot_bucket(n_live) < slots_n:
+                keep = np.flatnonzero(~done_host)  # shrink the slot batch 4x (or more)
                 new_n = slot_bucket(n_live)
                 idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
                 slots = _compact_jit(slots, jnp.asarray(idx))
