@@ -257,3 +257,22 @@ def test_on_the_mesh_equals_single_device(model):
     want = _host(gen(params, tokens, valid, jax.random.key(3)))
     got = _host(gen(on_mesh, *sharding.shard_rows((tokens, valid), mesh), jax.random.key(3)))
     _assert_same(want, got)
+
+
+def test_select_falls_back_to_the_static_sampler(caplog):
+    """rollout.engine: 'continuous' gives the engine where it can decode the model, else the
+    static sampler (logged); 'static' the static sampler; anything else an error."""
+    from jaxtrace.models.hybrid import linearize  # noqa: PLC0415
+    from jaxtrace.rollout import select  # noqa: PLC0415
+
+    graphdef, _ = models.create(CFG, seed=0)
+    cfg = SamplingConfig(max_prompt_len=4, max_new_tokens=4, greedy=True)
+    assert isinstance(select(graphdef, cfg, CFG, "continuous"), engine.Engine)
+    assert not isinstance(select(graphdef, cfg, CFG, "static"), engine.Engine)
+    hybrid_cfg = linearize(CFG, hybrid_window=4)
+    with caplog.at_level("WARNING"):
+        gen = select(models.create(hybrid_cfg)[0], cfg, hybrid_cfg, "continuous")
+    assert not isinstance(gen, engine.Engine)
+    assert "falling back to the static sampler" in caplog.text
+    with pytest.raises(ValueError, match="rollout engine 'paged'"):
+        select(graphdef, cfg, CFG, "paged")

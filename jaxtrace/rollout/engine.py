@@ -294,14 +294,17 @@ class Engine:
         self._segment = functools.partial(_segment_jit, graphdef, cfg)
         self._finish = functools.partial(_finish_jit, cfg)
         self.stats: dict = {}
+        self._model_cfg = None
 
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         cfg = self.cfg
         b, p = np.shape(prompt_BxP)
         if p != cfg.max_prompt_len:
             raise ValueError(f"prompt width {p} != max_prompt_len {cfg.max_prompt_len}")
-        model_cfg = model_config_of(self.graphdef, params)
-        check_supported(model_cfg)
+        if self._model_cfg is None:
+            self._model_cfg = model_config_of(self.graphdef, params)
+            check_supported(self._model_cfg)
+        model_cfg = self._model_cfg
         budget = _budget(max_new_B, b, cfg)
         prefix, token0, row_keys, outputs, done0 = self._prefill(
             params, prompt_BxP, prompt_valid_BxP, rng, budget
