@@ -225,6 +225,22 @@ def _moe_cfg(**kw):
     return cfg.replace(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16)
 
 
+@pytest.mark.parametrize("layers", [(0,), (0, 1)])  # mixed hybrid / attention, all hybrid
+def test_hybrid_equals_static_sampler(model, layers):
+    """Linear-attention layers keep a per-row state: refilled, compacted, never grown."""
+    from jaxtrace.models.hybrid import linearize  # noqa: PLC0415
+
+    hybrid = linearize(CFG, layers, hybrid_window=3)
+    graphdef, _ = models.create(hybrid, seed=1)
+    cfg = SamplingConfig(
+        max_prompt_len=8, max_new_tokens=12, greedy=True, num_samples=2, stop_tokens=(7,)
+    )
+    want, got = _both((graphdef, model[1]), cfg, max_new_B=jnp.asarray([12, 5, 9, 2, 12, 7]),
+                      schedules=[(3, 4, 1)])  # fmt: skip
+    _assert_same(want, got[0][1])
+    assert len({s for s, _ in got[0][0].stats["shapes"]}) > 1  # the slot batch shrank
+
+
 def test_dropless_moe_equals_static_and_unsupported_models_are_rejected():
     graphdef, params = models.create(_moe_cfg(), seed=1)
     cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=7, greedy=True, num_samples=2)
@@ -234,11 +250,6 @@ def test_dropless_moe_equals_static_and_unsupported_models_are_rejected():
     capped = models.create(_moe_cfg(moe_capacity_factor=1.0), seed=1)
     with pytest.raises(ValueError, match="moe_capacity_factor=1.0"):
         engine.make_generate(capped[0], cfg)(capped[1], tokens, valid, jax.random.key(0))
-    from jaxtrace.models.hybrid import linearize  # noqa: PLC0415
-
-    hybrid = models.create(linearize(CFG, hybrid_window=4), seed=1)
-    with pytest.raises(ValueError, match="does not support family='qwen3_hybrid'"):
-        engine.make_generate(hybrid[0], cfg)(hybrid[1], tokens, valid, jax.random.key(0))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
@@ -262,16 +273,15 @@ def test_on_the_mesh_equals_single_device(model):
 def test_select_falls_back_to_the_static_sampler(caplog):
     """rollout.engine: 'continuous' gives the engine where it can decode the model, else the
     static sampler (logged); 'static' the static sampler; anything else an error."""
-    from jaxtrace.models.hybrid import linearize  # noqa: PLC0415
     from jaxtrace.rollout import select  # noqa: PLC0415
 
     graphdef, _ = models.create(CFG, seed=0)
     cfg = SamplingConfig(max_prompt_len=4, max_new_tokens=4, greedy=True)
     assert isinstance(select(graphdef, cfg, CFG, "continuous"), engine.Engine)
     assert not isinstance(select(graphdef, cfg, CFG, "static"), engine.Engine)
-    hybrid_cfg = linearize(CFG, hybrid_window=4)
+    capped = _moe_cfg(moe_capacity_factor=1.0)
     with caplog.at_level("WARNING"):
-        gen = select(models.create(hybrid_cfg)[0], cfg, hybrid_cfg, "continuous")
+        gen = select(models.create(capped)[0], cfg, capped, "continuous")
     assert not isinstance(gen, engine.Engine)
     assert "falling back to the static sampler" in caplog.text
     with pytest.raises(ValueError, match="rollout engine 'paged'"):

@@ -33,9 +33,11 @@ Layout hook: `generate` takes params already placed. A reshard from the training
 to a decode layout (tensor-parallel / replicated) belongs before the first segment, in the
 caller, once per RL step; the slot arrays follow the params' devices.
 
-Unsupported (a ValueError naming the reason; the callers fall back to the static sampler):
-hybrid (linear-attention) models, whose decode state is not a KV cache, and MoE with a
-capacity factor (token dropping makes a row's output depend on the batch it shares).
+Hybrid (linear-attention) layers keep their constant-size per-row state: a slot copies its
+prompt's state, compaction gathers it, growing the cache leaves it alone. Dropless MoE decodes
+per token, as dense layers. Unsupported (a ValueError naming the reason; `select`, which the
+callers use, falls back to the static sampler): MoE with a capacity factor (token dropping makes a
+row's output depend on the rows sharing its step).
 """
 
 from __future__ import annotations
@@ -58,11 +60,6 @@ ENGINES = ("continuous", "static")
 
 def check_supported(model_cfg) -> None:
     """ValueError if the continuous engine cannot decode this model (see the module docstring)."""
-    if model_cfg.family == "qwen3_hybrid" and model_cfg.hybrid_layers:
-        raise ValueError(
-            "rollout engine 'continuous' does not support family='qwen3_hybrid' (linear-attention "
-            "layers keep a constant-size state, not a KV cache); use rollout.engine='static'"
-        )
     if model_cfg.family == "qwen3_moe" and model_cfg.moe_capacity_factor:
         raise ValueError(
             f"rollout engine 'continuous' does not support moe_capacity_factor="
@@ -166,10 +163,13 @@ def _segment(
     slot_row_S,
     fresh_S,
     min_active,
+    *,
+    length: int,
 ):
     """Decode steps until fewer than `min_active` slots are live, no slot is live, or a live row
-    would write past the cache's L slots. Fresh slots first take their row's prompt KV and first
-    token. slot_row_S: the row each slot decodes (-1 = empty)."""
+    would write past the cache's `length` slots. Fresh slots first take their row's prompt KV
+    (hybrid layers: their prompt's state) and first token. slot_row_S: the row each slot decodes
+    (-1 = empty)."""
     model = nnx.merge(graphdef, params)
     n, p, stop = cfg.num_samples, valid_BxP.shape[1], jnp.asarray(cfg.stop_tokens or (-1,))
     r = token0_R.shape[0]
@@ -181,8 +181,16 @@ def _segment(
         head = jnp.where(fresh_S[:, None, None, None], pre[src].astype(c.dtype), c[:, :, :p])
         return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0))
 
-    cache = [{k: take_prompt(c[k], pre[k]) for k in c} for c, pre in zip(slots["cache"], prefix)]
-    length = cache[0]["k"].shape[2]
+    def take_state(c, pre):  # a hybrid layer's constant-size state, one per row
+        pick = lambda x, y: jnp.where(  # noqa: E731
+            fresh_S.reshape((-1,) + (1,) * (x.ndim - 1)), y[src].astype(x.dtype), x
+        )
+        return jax.tree.map(pick, c, pre)
+
+    cache = [
+        {k: take_prompt(c[k], pre[k]) for k in c} if _is_kv(c) else take_state(c, pre)
+        for c, pre in zip(slots["cache"], prefix)
+    ]
     t = jnp.where(fresh_S, 1, slots["t"])
     token = jnp.where(fresh_S, token0_R[row], slots["token"])
     done = jnp.where(fresh_S, False, slots["done"]) | ~occupied
@@ -221,9 +229,14 @@ def _segment(
     return {"cache": cache, "t": t, "token": token, "done": done}, outputs
 
 
+def _is_kv(layer_cache) -> bool:
+    return isinstance(layer_cache, dict)  # else a hybrid layer's HybridState
+
+
 def _grow(slots, length: int):
-    pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
-    return dict(slots, cache=[{k: pad(c) for k, c in lyr.items()} for lyr in slots["cache"]])
+    pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))  # noqa: E731
+    grown = [{k: pad(c) for k, c in lyr.items()} if _is_kv(lyr) else lyr for lyr in slots["cache"]]
+    return dict(slots, cache=grown)
 
 
 def _compact(slots, idx_S):
@@ -249,7 +262,9 @@ def _finish(cfg: SamplingConfig, prompt_BxP, valid_BxP, outputs):
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
-_segment_jit = jax.jit(_segment, static_argnums=(0, 1), donate_argnums=(3, 4))
+_segment_jit = jax.jit(
+    _segment, static_argnums=(0, 1), static_argnames=("length",), donate_argnums=(3, 4)
+)
 _grow_jit = jax.jit(_grow, static_argnums=1)
 _compact_jit = jax.jit(_compact)
 _empty_jit = jax.jit(_empty_slots, static_argnums=(0, 1, 2))
@@ -330,8 +345,8 @@ class Engine:
                     slot_row[s] = -1
             live = ~done_host & (slot_row >= 0)
             need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
-            if need > slots["cache"][0]["k"].shape[2]:
-                slots = _grow_jit(slots, need)
+            if need > length:
+                slots, length = _grow_jit(slots, need), need
             n_live = int(live.sum())
             # Once no sample waits, exit when a quarter of the slots or fewer are live: shrinking
             # by 4x (not 2x) halves the slot shapes compiled for a small loss in the tail.
@@ -339,7 +354,7 @@ class Engine:
             can_shrink = slot_bucket(quarter) < slots_n
             min_active = n_live if queue else (quarter + 1 if can_shrink else 1)
             self.stats["segments"] += 1
-            self.stats["shapes"].append((slots_n, slots["cache"][0]["k"].shape[2]))
+            self.stats["shapes"].append((slots_n, length))
             slots, outputs = self._segment(
                 params,
                 slots,
@@ -352,6 +367,7 @@ class Engine:
                 jnp.asarray(slot_row),
                 jnp.asarray(fresh),
                 jnp.int32(min(min_active, n_live)),
+                length=length,
             )
             t_host, done_host = (np.array(x) for x in _to_host((slots["t"], slots["done"])))
             done_host |= slot_row < 0
