@@ -12,8 +12,9 @@ median wall time over --repeats and generated tokens per second.
 longtail: --prompts x --samples rows sampled at temperature 1 with a budget of --budget tokens;
 each row's length is forced by a per-row budget (`max_new_B` [R]), so both engines generate the
 same tokens: --long_frac of the rows run to the budget, the rest stop in its first --short_frac.
-Real tokens/s counts only generated tokens. The warm-up call runs the same workload (for the
-engine that compiles every bucket shape it visits); its extra time is reported as compile.
+Real tokens/s counts only generated tokens; --repeats rounds call every engine once each,
+interleaved. The engine's warm-up call runs the same workload (compiling every bucket shape it
+visits); its extra time over the median is reported as compile.
 
 per_step: every row stops after --short tokens; decode seconds per step (median call time /
 --short) at each budget of --budgets: flat when a step's cost follows the filled length.
@@ -103,18 +104,29 @@ def ragged_main(args):
         )
         ids = rng.integers(1, args.vocab, (b, args.prompt), dtype=np.int32)
         valid = np.ones(ids.shape, bool)
-        rows = []
+        fns, compile_s, times = {}, {}, {}
         for name, gen in _engines(args, graphdef, sampling, names).items():
-            fn = functools.partial(_rollout, gen, params, ids, valid, lengths)
+            fns[name] = functools.partial(_rollout, gen, params, ids, valid, lengths)
             # The static sampler compiles one program whatever the lengths: warm it up on
-            # one-token rows (its full run can take minutes); the engine on the workload itself.
+            # one-token rows (its full run can take minutes); the engine on the workload itself
+            # (its compile time = that call minus the median).
             ones = np.ones_like(lengths)
-            warm = functools.partial(_rollout, gen, params, ids, valid, ones)
-            static = name == "static"
-            first, med, out = _timed(fn, args.repeats, warm if static else None)
-            got = np.asarray(out["length"])
-            assert np.array_equal(got, lengths), f"{name}: lengths differ from the forced ones"
-            rows.append((name, med, lengths.sum() / med, first if static else first - med))
+            warm = _rollout if name == "static" else None
+            t = time.perf_counter()
+            (warm or _rollout)(gen, params, ids, valid, ones if warm else lengths)
+            compile_s[name], times[name] = time.perf_counter() - t, []
+        for _ in range(args.repeats):  # interleaved rounds: load drift hits every engine alike
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                out = fn()
+                times[name].append(time.perf_counter() - t)
+                got = np.asarray(out["length"])
+                assert np.array_equal(got, lengths), f"{name}: lengths differ from the forced ones"
+        rows = []
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            comp = compile_s[name] - (0 if name == "static" else med)
+            rows.append((name, med, lengths.sum() / med, comp))
         print(
             f"{head}\nlong tail: {b} prompts x {n} samples, budget {budget}; {n_long} rows run "
             f"to the budget, {r - n_long} stop within {short_max} tokens; {lengths.sum()} real "
