@@ -75,6 +75,8 @@ def test_greedy_equals_static_sampler_token_for_token(model):
         assert want["stopped"].any() and not want["stopped"].all()
         for _, out in got:
             _assert_same(want, out)
+    for gen, _ in got:  # every shape compiled is one that AOT compilation would list
+        assert set(gen.stats["shapes"]) <= set(gen.program_shapes(6))
     shapes = got[1][0].stats["shapes"]
     assert [n for _, n in shapes] == sorted(n for _, n in shapes), shapes
     assert {n for _, n in shapes} == {12, 16, 24, 28}, shapes  # the cache grew bucket by bucket

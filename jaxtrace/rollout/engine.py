@@ -29,9 +29,11 @@ static sampler's token for token. The cost is up to 2x of attention over the tru
 bucket and a cache copy when a bucket grows (also O(log N) times). A Pallas paged-attention path
 for TPU would slot in at `_segment`'s model call; it is not built.
 
-Layout hook: `generate` takes params already placed. A reshard from the training (FSDP) layout
-to a decode layout (tensor-parallel / replicated) belongs before the first segment, in the
-caller, once per RL step; the slot arrays follow the params' devices.
+Hooks for TPU (not built here): the engine takes params already placed, so a reshard from the
+training (FSDP) layout to a decode layout (tensor-parallel / replicated) goes in the caller, once
+per RL step, before `Engine.__call__`; the slot arrays follow the params' devices.
+`Engine.program_shapes(rows)` lists every (slots, cache length) segment shape a call may compile,
+for an ahead-of-time compile and its HBM count.
 
 Hybrid (linear-attention) layers keep their constant-size per-row state: a slot copies its
 prompt's state, compaction gathers it, growing the cache leaves it alone. Dropless MoE decodes
@@ -310,6 +312,18 @@ class Engine:
         self._finish = functools.partial(_finish_jit, cfg)
         self.stats: dict = {}
         self._model_cfg = None
+
+    def program_shapes(self, rows: int) -> list[tuple[int, int]]:
+        """Every (slots, cache length) pair that a call with `rows` rollout rows may compile a
+        segment for: what an ahead-of-time compile (and its memory count) has to cover."""
+        cap = self.num_slots or rows
+        slots, k = {cap}, 1
+        while k < cap:
+            slots.add(min(cap, max(self.min_slots, k)))
+            k *= 2
+        p, new = self.cfg.max_prompt_len, self.cfg.max_new_tokens
+        lengths = {p + bucket(t, new, self.min_bucket) for t in range(1, new + 1)}
+        return sorted((s, n) for s in slots for n in lengths)
 
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         cfg = self.cfg
