@@ -74,8 +74,10 @@ def jaxtrace_timers(shape, a):
     """(train step without rollout, train step with rollout, decode) timers for jaxtrace."""
     from jaxtrace import rl, steps  # noqa: PLC0415
     from jaxtrace.losses import grpo as grpo_lib  # noqa: PLC0415
-    from jaxtrace.rollout import SamplingConfig, make_generate  # noqa: PLC0415
+    from jaxtrace.rollout import SamplingConfig, engine  # noqa: PLC0415
+    from jaxtrace.rollout import make_generate as static_generate  # noqa: PLC0415
 
+    make_generate = engine.make_generate if a.engine == "continuous" else static_generate
     graphdef, params = jaxtrace_model(shape)
     rng = np.random.default_rng(0)
     b = a.num_prompts * a.group_size
@@ -230,6 +232,12 @@ def main(argv=None):
         action="store_true",
         help="ablation: jaxtrace train rows each carry a copy of their prompt (no prompt sharing)",
     )
+    p.add_argument(
+        "--engine",
+        choices=("static", "continuous"),
+        default="continuous",
+        help="jaxtrace's rollout engine (rollout.engine)",
+    )
     p.add_argument("--skip", default="", help="comma-separated rows to skip: tunix,transformers")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
@@ -277,7 +285,8 @@ def main(argv=None):
         f"Qwen3 {a.layers} layers, d={a.hidden}, heads {a.heads}/{a.kv_heads}, "
         f"vocab {a.vocab}, fp32; train: {a.num_prompts} prompts x {a.group_size} samples, "
         f"prompt {a.prompt_len} + response {a.response_len}; decode: batch {a.batch}, "
-        f"prompt {a.prompt_len}, {a.new} new; backend {jax.default_backend()}, "
+        f"prompt {a.prompt_len}, {a.new} new; jaxtrace engine {a.engine}; "
+        f"backend {jax.default_backend()}, "
         f"jax {jax.__version__}, {os.cpu_count()} CPUs, {a.repeats} repeats"
     )
     print()

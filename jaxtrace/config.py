@@ -20,6 +20,7 @@ from jaxtrace.models.config import ModelConfig, preset
 ALGOS = tuple(algos.PRESETS)
 ANNOTATORS = ("oracle", "file", "api", "self", "divergence", "none")
 TASKS = ("arithmetic", "gsm8k", "jsonl")
+ENGINES = ("continuous", "static")  # rollout.engine (jaxtrace.rollout.engine.ENGINES)
 
 
 def model_dict(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -54,6 +55,8 @@ def base() -> ml_collections.ConfigDict:
             max_new_tokens=40,
             temperature=1.0,
             top_p=1.0,
+            engine="continuous",  # continuous (rollout/engine.py) | static (rollout/sampler.py)
+            decode_slots=0,  # continuous engine: decode slots (0 = one per rollout row)
         )
     )
     c.algo = ml_collections.ConfigDict(
@@ -253,6 +256,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"tokenizer vocab to train (data.vocab_size={c.data.vocab_size}) is larger than "
             f"the model vocab (model.vocab_size={c.model.vocab_size})",
         )
+    need(
+        c.rollout.engine in ENGINES,
+        f"rollout.engine={c.rollout.engine!r}; choose from {ENGINES}",
+    )
+    need(c.rollout.decode_slots >= 0, f"rollout.decode_slots={c.rollout.decode_slots} must be >= 0")
     need(
         c.algo.kl_decay in ("linear", "cosine", "constant"),
         f"algo.kl_decay={c.algo.kl_decay!r}; choose linear | cosine | constant",

@@ -1,4 +1,4 @@
-"""Held-out accuracy with the KV-cache sampler: pass@1 (greedy) and avg@k / pass@k (sampled)."""
+"""Held-out accuracy with the rollout engine: pass@1 (greedy) and avg@k / pass@k (sampled)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import jax
 import numpy as np
 
 from jaxtrace import sharding
-from jaxtrace.rollout import SamplingConfig, make_generate
+from jaxtrace.rollout import SamplingConfig, engine
 
 _GENERATORS: dict = {}
 
 
-def _generator(graphdef, cfg):
-    """One jitted sampler per (model graph, sampling config): evaluating twice compiles once."""
-    key = (graphdef, cfg)
+def _generator(graphdef, params, cfg, engine_name, decode_slots):
+    """One sampler per (model graph, sampling config, engine): evaluating twice compiles once."""
+    key = (graphdef, cfg, engine_name, decode_slots)
     if key not in _GENERATORS:
-        _GENERATORS[key] = make_generate(graphdef, cfg)
+        model_cfg = engine.model_config_of(graphdef, params)
+        _GENERATORS[key] = engine.select(graphdef, cfg, model_cfg, engine_name, decode_slots)
     return _GENERATORS[key]
 
 
@@ -58,12 +59,15 @@ def evaluate(
     show_progress: bool = False,
     desc: str = "eval",
     mesh=None,
+    engine_name: str = "continuous",
+    decode_slots: int = 0,
 ):
     """Returns {"pass@1" or "avg@k", "pass@k", "n", "response_length"} over `examples`.
 
     With temperature 0 decoding is greedy and `num_samples` is forced to 1. The batch has a
     fixed size (the last one padded), so the sampler compiles once. With `mesh`, each batch is
-    split over its data axes (the batch size rounded up to a multiple of them).
+    split over its data axes (the batch size rounded up to a multiple of them). `engine_name`:
+    the rollout engine (`jaxtrace.rollout.select`).
     """
     from jaxtrace.metrics import progress  # noqa: PLC0415
 
@@ -73,7 +77,7 @@ def evaluate(
         encoder.p, max_new_tokens, num_samples, temperature, tokenizer.eos_id, tokenizer.pad_id
     )
     k = cfg.num_samples
-    generate = _generator(graphdef, cfg)
+    generate = _generator(graphdef, params, cfg, engine_name, decode_slots)
     batch_size = batch_rows(batch_size, len(examples), mesh)
     correct = np.zeros((len(examples), k), np.float32)
     lengths = []

@@ -31,7 +31,7 @@ from jaxtrace.phases import (
     prompt_indices,  # noqa: F401 (the data position; moved to phases)
 )
 from jaxtrace.rewards import MathVerifier
-from jaxtrace.rollout import SamplingConfig, make_generate
+from jaxtrace.rollout import SamplingConfig, engine
 from jaxtrace.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxtrace")
@@ -421,6 +421,8 @@ def _run(config, mesh) -> dict:
             show_progress=config.train.progress,
             desc=f"eval {tag}",
             mesh=mesh,
+            engine_name=r.engine,
+            decode_slots=r.decode_slots,
         )
 
     ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"), keep=config.train.keep_ckpts)
@@ -451,7 +453,7 @@ def _run(config, mesh) -> dict:
     log.info("algorithm %s: %s", a.name, algo)
     rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config, algo))
     sampling = rollout_sampling(config, (tokenizer.eos_id,), tokenizer.pad_id)
-    generate = make_generate(graphdef, sampling)
+    generate = engine.select(graphdef, sampling, model_cfg, r.engine, r.decode_slots)
     annotator = make_annotator(
         config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r), tokenizer
     )
@@ -577,7 +579,9 @@ def _self_generate(graphdef, get_params, tokenizer, r):
 
     def generate_text(prompts):
         nonlocal gen
-        gen = gen or make_generate(graphdef, cfg)
+        if gen is None:
+            model_cfg = engine.model_config_of(graphdef, get_params())
+            gen = engine.select(graphdef, cfg, model_cfg, r.engine, r.decode_slots)
         ids = [tokenizer.encode(p) for p in prompts]
         if max(map(len, ids), default=0) > budget:
             raise ValueError(f"a self-annotation prompt exceeds its {budget}-token budget")

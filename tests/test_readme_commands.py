@@ -48,6 +48,10 @@ TRAIN_L05 = (
     "python -m jaxtrace.train --config=configs/tiny.py --config.workdir=runs/tiny_l05 "
     "--config.train.steps=100 --config.algo.kl_lambda0=0.5"
 )
+TRAIN_STATIC = (
+    "python -m jaxtrace.train --config=configs/tiny.py --config.rollout.engine=static "
+    "--config.workdir=runs/tiny_static"
+)
 TRAIN_PPO = (
     "python -m jaxtrace.train --config=configs/tiny.py:grpo --config.algo.num_minibatches=4 "
     "--config.algo.ref_kl_coef=0.04 --config.workdir=runs/tiny_grpo_ppo"
@@ -62,6 +66,7 @@ RUN = {
     TRAIN_GRPO: True,
     TRAIN_L05: True,
     TRAIN_PPO: "--config.rollout.prompts_per_step=4",  # 4 mini-batches of whole groups
+    TRAIN_STATIC: True,
     "python -m jaxtrace.train --help": False,
     EVAL_TINY: False,
     EXPORT_TINY: False,
@@ -301,6 +306,13 @@ def test_train_variant(cmd, workdir, expected, workspace):
     run = _run_config(workspace[0], workdir)
     assert {k: run["algo"][k] for k in expected} == expected
     assert run["train"]["steps"] == 2  # SMOKE, appended, wins over the command's 100
+
+
+@pytest.mark.slow
+def test_train_static_engine(workspace):
+    out = _ok(run_command(TRAIN_STATIC, workspace))
+    assert "after RL" in out
+    assert _run_config(workspace[0], "runs/tiny_static")["rollout"]["engine"] == "static"
 
 
 @pytest.mark.slow

@@ -167,6 +167,10 @@ def test_bad_configs_fail_before_compute(tmp_path):
     with pytest.raises(ConfigError, match="algo.name='ppo'"):
         validate(c)
     c = mini_config(tmp_path)
+    c.rollout.engine = "paged"
+    with pytest.raises(ConfigError, match="rollout.engine='paged'"):
+        validate(c)
+    c = mini_config(tmp_path)
     c.model.vocab_size = 100  # smaller than the trained tokenizer
     with pytest.raises(ValueError, match="tokenizer vocab"):
         trainer.run(c)

@@ -323,6 +323,10 @@ class HybridAttention(Attention):
         # A pad fed at decode time (its own slot masked out) leaves the state untouched.
         if cache_index is None:
             ok_B = jnp.ones(q.shape[:1], bool)
+        elif jnp.ndim(cache_index) == 1:  # the rollout engine: a slot per row, >= S for idle
+            s = mask_Bx1xS.shape[2]
+            at = jnp.minimum(cache_index, s - 1)[:, None]
+            ok_B = jnp.take_along_axis(mask_Bx1xS[:, 0], at, axis=1)[:, 0] & (cache_index < s)
         else:
             ok_B = jax.lax.dynamic_index_in_dim(
                 mask_Bx1xS[:, 0], cache_index, axis=1, keepdims=False

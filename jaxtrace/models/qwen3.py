@@ -4,8 +4,9 @@ Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_
 `head_dim`, `mlp`, `norm`, `expert`); `jaxtrace.sharding` maps them to mesh axes.
 
 Attention takes an explicit boolean mask [B, T, S] (True = may attend) and, when decoding, a
-per-layer KV cache {"k", "v": [B, Hkv, S, Dh]} written at `cache_index`. The model returns final
-hidden states; `lm_head_weight()` gives the [D, V] head so that losses can work from hidden
+per-layer KV cache {"k", "v": [B, Hkv, S, Dh]} written at `cache_index` (an int: the same slot
+for every row; an int array [B]: a decode step's slot per row, `write_rows`). The model returns
+final hidden states; `lm_head_weight()` gives the [D, V] head so that losses can work from hidden
 states without materialising logits (`pallas_kernels.span_kl`).
 """
 
@@ -64,6 +65,14 @@ def dot_product_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def write_rows(cache_BxKxSxD, x_BxKx1xD, slot_B):
+    """One new key / value per row at its own slot (the rollout engine's rows sit at different
+    lengths). A slot outside [0, S) writes nothing: idle rows pass S."""
+    rows = jnp.arange(cache_BxKxSxD.shape[0])
+    new = x_BxKx1xD[:, :, 0].astype(cache_BxKxSxD.dtype)
+    return cache_BxKxSxD.at[rows, :, slot_B].set(new, mode="drop")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, dh, pd = (
@@ -99,7 +108,10 @@ class Attention(nnx.Module):
     ):
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
         k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, Hkv, T, Dh], as cached
-        if cache is not None:
+        if cache is not None and jnp.ndim(cache_index) == 1:
+            k, v = (write_rows(cache[n], x, cache_index) for n, x in (("k", k), ("v", v)))
+            cache = {"k": k, "v": v}
+        elif cache is not None:
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)

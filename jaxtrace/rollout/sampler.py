@@ -123,7 +123,8 @@ def generate(
     graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingConfig, max_new_B=None
 ):
     """Samples `cfg.num_samples` responses per prompt (rows repeat prompt-major: row i * n + j is
-    sample j of prompt i). Jit with `graphdef` and `cfg` static.
+    sample j of prompt i). Jit with `graphdef` and `cfg` static. `max_new_B` caps the response
+    length per prompt [B] or per row [R].
 
     Returns a dict of arrays with R = B * num_samples rows and N = max_new_tokens:
       prompt [R, P], prompt_valid [R, P], response [R, N] (pad after the end),
@@ -139,11 +140,11 @@ def generate(
     prompt = jnp.repeat(prompt_BxP, n, axis=0)
     valid = jnp.repeat(prompt_valid_BxP, n, axis=0)
     r, s = prompt.shape[0], p + new
-    budget = (
-        jnp.full((r,), new, jnp.int32)
-        if max_new_B is None
-        else jnp.repeat(jnp.minimum(max_new_B, new).astype(jnp.int32), n)
-    )
+    if max_new_B is None:
+        budget = jnp.full((r,), new, jnp.int32)
+    else:  # per prompt [B] (repeated over its samples) or per row [R]
+        budget = jnp.minimum(max_new_B, new).astype(jnp.int32)
+        budget = budget if budget.shape == (r,) else jnp.repeat(budget, n)
     model = nnx.merge(graphdef, params)
     stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
 

@@ -1,0 +1,421 @@
+"""Continuous-batching rollout engine: decode cost follows the tokens actually generated.
+
+Same API and outputs as `sampler.make_generate` (a drop-in, `rollout.engine="continuous"`), but:
+
+- **Length-bucketed dense cache.** Decode slots hold a dense head-major KV cache
+  [slots, Hkv, L, Dh] with L = P + a response-length bucket (`min_bucket` * 2^k, capped at the
+  budget) that covers the longest live row. A decode step attends over those L slots only, and
+  the cache is grown (padded) between segments when a row reaches the end of its bucket. So a step
+  costs O(current length), not O(P + budget), and the cache memory is slots x L, not rows x (P+N).
+- **Continuous batching.** A fixed number of decode slots (`num_slots`, default one per row). The
+  host runs jitted *segments* of decode steps (a `while_loop` that exits when a slot frees up
+  while samples wait, when a row needs a bigger bucket, or when 3/4 of the slots went idle);
+  between segments it hands free slots to waiting samples and, once no sample waits, compacts
+  the live rows into a smaller power-of-two slot batch. Rows of a GRPO group do
+  not decode in lockstep.
+- **Shared prompt prefix.** Every prompt is prefilled once (batched, [prompts, P]); a slot that
+  takes a sample copies its prompt's KV into its first P cache slots inside the segment.
+- **Per-row randomness.** Row r's t-th token draws from fold_in(fold_in(rng, r), t), so the
+  output does not depend on the slot count, the buckets or the schedule (tests check this). The
+  draws differ from the static sampler's (one key per step for the whole batch), the
+  distribution does not.
+
+Why dense buckets rather than a paged cache: on CPU (and for XLA in general) a gather-based paged
+attention re-reads the page table and gathers pages every step, and XLA has no ragged attention;
+bucketed dense prefixes need no new attention kernel (only a per-row cache write,
+`qwen3.write_rows`), compile once per (slot bucket, length bucket) pair visited - O(log) of each -
+and keep attention exactly the model's `dot_product_attention`, so greedy decoding equals the
+static sampler's token for token. The cost is up to 2x of attention over the true length inside a
+bucket and a cache copy when a bucket grows (also O(log N) times). A Pallas paged-attention path
+for TPU would slot in at `_segment`'s model call; it is not built.
+
+Hooks for TPU (not built here): the engine takes params already placed, so a reshard from the
+training (FSDP) layout to a decode layout (tensor-parallel / replicated) goes in the caller, once
+per RL step, before `Engine.__call__`; the slot arrays follow the params' devices.
+`Engine.program_shapes(rows)` lists every (slots, cache length) segment shape a call may compile,
+for an ahead-of-time compile and its HBM count.
+
+Hybrid (linear-attention) layers keep their constant-size per-row state: a slot copies its
+prompt's state, compaction gathers it, growing the cache leaves it alone. Dropless MoE decodes
+per token, as dense layers. Unsupported (a ValueError naming the reason; `select`, which the
+callers use, falls back to the static sampler): MoE with a capacity factor (token dropping makes a
+row's output depend on the rows sharing its step).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrace.models import causal_mask, init_cache, positions_from_valid
+from jaxtrace.rollout.sampler import SamplingConfig, _top_p_filter, sample_categorical
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("continuous", "static")
+
+
+def check_supported(model_cfg) -> None:
+    """ValueError if the continuous engine cannot decode this model (see the module docstring)."""
+    if model_cfg.family == "qwen3_moe" and model_cfg.moe_capacity_factor:
+        raise ValueError(
+            f"rollout engine 'continuous' does not support moe_capacity_factor="
+            f"{model_cfg.moe_capacity_factor} (dropped tokens depend on the rows sharing a step); "
+            "use a dropless MoE (0) or rollout.engine='static'"
+        )
+
+
+def model_config_of(graphdef, params):
+    """The ModelConfig of a (graphdef, params) pair, from shapes only."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    return nnx.merge(graphdef, abstract).cfg
+
+
+def bucket(t: int, limit: int, min_bucket: int) -> int:
+    """The smallest min_bucket * 2^k >= t, capped at `limit`."""
+    b = min_bucket
+    while b < t:
+        b *= 2
+    return min(b, limit)
+
+
+def _pow2_at_least(n: int, cap: int) -> int:
+    return min(1 << max(n - 1, 0).bit_length(), cap)
+
+
+def _choose_rows(logits_RxV, keys_R, cfg: SamplingConfig):
+    """Per-row keys: (token [R], log-prob under the temperature-1 logits [R])."""
+    logits_RxV = logits_RxV.astype(jnp.float32)
+    if cfg.greedy:
+        token = jnp.argmax(logits_RxV, axis=-1)
+    else:
+        scaled = logits_RxV / cfg.temperature
+        if cfg.top_p < 1.0:
+            scaled = _top_p_filter(scaled, cfg.top_p)
+        token = jax.vmap(lambda k, x: sample_categorical(k, x[None])[0])(keys_R, scaled)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_RxV, -1), token[:, None], -1)[:, 0]
+    return token.astype(jnp.int32), logp
+
+
+def _step_keys(row_keys_R, t_R):
+    return jax.vmap(jax.random.fold_in)(row_keys_R, t_R)
+
+
+def _budget(max_new_B, b: int, cfg: SamplingConfig):
+    """Per-row budgets [R] from None, per-prompt [B] or per-row [B * n] limits."""
+    r = b * cfg.num_samples
+    if max_new_B is None:
+        return jnp.full((r,), cfg.max_new_tokens, jnp.int32)
+    limit = jnp.minimum(jnp.asarray(max_new_B), cfg.max_new_tokens).astype(jnp.int32)
+    if limit.shape == (r,):
+        return limit
+    if limit.shape != (b,):
+        raise ValueError(f"max_new_B has shape {limit.shape}; want ({b},) per prompt or ({r},)")
+    return jnp.repeat(limit, cfg.num_samples)
+
+
+def _prefill(graphdef, cfg: SamplingConfig, params, prompt_BxP, valid_BxP, rng, budget_R):
+    """Each prompt once: its KV [B, Hkv, P, Dh] per layer and every row's first token."""
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_BxP.shape
+    cache = init_cache(model.cfg, b, p)
+    hidden, cache = model(
+        prompt_BxP, positions_from_valid(valid_BxP), causal_mask(valid_BxP), cache, 0
+    )
+    logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], cfg.num_samples, axis=0)
+    r = logits.shape[0]
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(r))
+    token, logp = _choose_rows(logits, _step_keys(row_keys, jnp.zeros((r,), jnp.int32)), cfg)
+    stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+    new = cfg.max_new_tokens
+    outputs = {
+        "response": jnp.full((r, new), cfg.pad_id, jnp.int32).at[:, 0].set(token),
+        "logprobs": jnp.zeros((r, new), jnp.float32).at[:, 0].set(logp),
+        "length": (budget_R > 0).astype(jnp.int32),
+    }
+    done = jnp.isin(token, stop) | (budget_R <= 1)
+    return cache, token, row_keys, outputs, done
+
+
+def _empty_slots(model_cfg, slots: int, length: int):
+    return {
+        "cache": init_cache(model_cfg, slots, length),
+        "t": jnp.ones((slots,), jnp.int32),
+        "token": jnp.zeros((slots,), jnp.int32),
+        "done": jnp.ones((slots,), bool),
+    }
+
+
+def _segment(
+    graphdef,
+    cfg: SamplingConfig,
+    params,
+    slots,
+    outputs,
+    prefix,
+    valid_BxP,
+    token0_R,
+    row_keys_R,
+    budget_R,
+    slot_row_S,
+    fresh_S,
+    min_active,
+    *,
+    length: int,
+):
+    """Decode steps until fewer than `min_active` slots are live, no slot is live, or a live row
+    would write past the cache's `length` slots. Fresh slots first take their row's prompt KV
+    (hybrid layers: their prompt's state) and first token. slot_row_S: the row each slot decodes
+    (-1 = empty)."""
+    model = nnx.merge(graphdef, params)
+    n, p, stop = cfg.num_samples, valid_BxP.shape[1], jnp.asarray(cfg.stop_tokens or (-1,))
+    r = token0_R.shape[0]
+    occupied = slot_row_S >= 0
+    row = jnp.maximum(slot_row_S, 0)
+    src = row // n  # the slot's prompt
+
+    def take_prompt(c, pre):
+        head = jnp.where(fresh_S[:, None, None, None], pre[src].astype(c.dtype), c[:, :, :p])
+        return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0))
+
+    def take_state(c, pre):  # a hybrid layer's constant-size state, one per row
+        pick = lambda x, y: jnp.where(  # noqa: E731
+            fresh_S.reshape((-1,) + (1,) * (x.ndim - 1)), y[src].astype(x.dtype), x
+        )
+        return jax.tree.map(pick, c, pre)
+
+    cache = [
+        {k: take_prompt(c[k], pre[k]) for k in c} if _is_kv(c) else take_state(c, pre)
+        for c, pre in zip(slots["cache"], prefix)
+    ]
+    t = jnp.where(fresh_S, 1, slots["t"])
+    token = jnp.where(fresh_S, token0_R[row], slots["token"])
+    done = jnp.where(fresh_S, False, slots["done"]) | ~occupied
+    prompt_valid = valid_BxP[src]  # [S, P]
+    num_prompt = prompt_valid.sum(axis=1).astype(jnp.int32)
+    kv_valid = jnp.concatenate([prompt_valid, jnp.ones((row.shape[0], length - p), bool)], 1)
+    keys, budget = row_keys_R[row], budget_R[row]
+    slot_ids = jnp.arange(length)
+
+    def cond(c):
+        _, t, _, done, _ = c
+        live = ~done
+        fits = jnp.all(done | (p + t <= length))
+        return (jnp.sum(live) >= jnp.maximum(min_active, 1)) & fits
+
+    def body(c):
+        cache, t, token, done, out = c
+        write = p + t - 1  # the slot of the last sampled token, fed back in
+        mask = (kv_valid & (slot_ids[None] <= write[:, None]))[:, None, :]
+        at = jnp.where(done, length, write)  # idle slots write nothing
+        hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], mask, cache, at)
+        nxt, lp = _choose_rows(model.logits(hidden)[:, 0], _step_keys(keys, t), cfg)
+        live = ~done
+        dest = jnp.where(live, row, r)  # idle slots write nowhere
+        out = {
+            "response": out["response"].at[dest, t].set(nxt, mode="drop"),
+            "logprobs": out["logprobs"].at[dest, t].set(lp, mode="drop"),
+            "length": out["length"].at[dest].set(t + 1, mode="drop"),
+        }
+        done = done | jnp.isin(nxt, stop) | (t + 1 >= budget)
+        return cache, t + live, jnp.where(live, nxt, token), done, out
+
+    cache, t, token, done, outputs = jax.lax.while_loop(
+        cond, body, (cache, t, token, done, outputs)
+    )
+    return {"cache": cache, "t": t, "token": token, "done": done}, outputs
+
+
+def _is_kv(layer_cache) -> bool:
+    return isinstance(layer_cache, dict)  # else a hybrid layer's HybridState
+
+
+def _grow(slots, length: int):
+    pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))  # noqa: E731
+    grown = [{k: pad(c) for k, c in lyr.items()} if _is_kv(lyr) else lyr for lyr in slots["cache"]]
+    return dict(slots, cache=grown)
+
+
+def _compact(slots, idx_S):
+    return jax.tree.map(lambda x: x[idx_S], slots)
+
+
+def _finish(cfg: SamplingConfig, prompt_BxP, valid_BxP, outputs):
+    n, new = cfg.num_samples, cfg.max_new_tokens
+    stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+    length = outputs["length"]
+    mask = jnp.arange(new)[None] < length[:, None]
+    response = jnp.where(mask, outputs["response"], cfg.pad_id)
+    last = jnp.take_along_axis(response, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
+    return {
+        "prompt": jnp.repeat(prompt_BxP, n, axis=0),
+        "prompt_valid": jnp.repeat(valid_BxP, n, axis=0),
+        "response": response,
+        "response_mask": mask,
+        "logprobs": jnp.where(mask, outputs["logprobs"], 0.0),
+        "length": length,
+        "stopped": (length > 0) & jnp.isin(last, stop),
+    }
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
+_segment_jit = jax.jit(
+    _segment, static_argnums=(0, 1), static_argnames=("length",), donate_argnums=(3, 4)
+)
+_grow_jit = jax.jit(_grow, static_argnums=1)
+_compact_jit = jax.jit(_compact)
+_empty_jit = jax.jit(_empty_slots, static_argnums=(0, 1, 2))
+_finish_jit = jax.jit(_finish, static_argnums=0)
+
+
+def _to_host(x):
+    from jaxtrace import sharding  # noqa: PLC0415 (sharding imports the models package)
+
+    return sharding.to_host(x)
+
+
+class Engine:
+    """`Engine(graphdef, cfg)(params, prompt [B, P], prompt_valid [B, P], rng, max_new_B=None)`
+    returns the static sampler's rollout dict (R = B * num_samples rows, see
+    `sampler.generate`); max_new_B may be per prompt [B] or per row [R].
+
+    num_slots: decode slots (0 = one per row; fewer bounds the cache memory, samples then wait
+    for a free slot). min_bucket: the smallest response-length bucket of the cache. min_slots:
+    the slot batch is never compacted below this (smaller batches save little and each size is
+    one more compile).
+    `stats` holds the last call's segment count and the (slots, cache length) shapes it used.
+    """
+
+    def __init__(
+        self,
+        graphdef,
+        cfg: SamplingConfig,
+        num_slots: int = 0,
+        min_bucket: int = 64,
+        min_slots: int = 8,
+    ):
+        if num_slots < 0 or min_bucket < 1 or min_slots < 1:
+            raise ValueError(
+                f"Engine: num_slots={num_slots} must be >= 0, min_bucket={min_bucket} and "
+                f"min_slots={min_slots} >= 1"
+            )
+        self.graphdef, self.cfg = graphdef, cfg
+        self.num_slots, self.min_bucket, self.min_slots = num_slots, min_bucket, min_slots
+        # Module-level jits keyed on (graphdef, cfg): engines of one model share compilations.
+        self._prefill = functools.partial(_prefill_jit, graphdef, cfg)
+        self._segment = functools.partial(_segment_jit, graphdef, cfg)
+        self._finish = functools.partial(_finish_jit, cfg)
+        self.stats: dict = {}
+        self._model_cfg = None
+
+    def program_shapes(self, rows: int) -> list[tuple[int, int]]:
+        """Every (slots, cache length) pair that a call with `rows` rollout rows may compile a
+        segment for: what an ahead-of-time compile (and its memory count) has to cover."""
+        cap = self.num_slots or rows
+        slots, k = {cap}, 1
+        while k < cap:
+            slots.add(min(cap, max(self.min_slots, k)))
+            k *= 2
+        p, new = self.cfg.max_prompt_len, self.cfg.max_new_tokens
+        lengths = {p + bucket(t, new, self.min_bucket) for t in range(1, new + 1)}
+        return sorted((s, n) for s in slots for n in lengths)
+
+    def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
+        cfg = self.cfg
+        b, p = np.shape(prompt_BxP)
+        if p != cfg.max_prompt_len:
+            raise ValueError(f"prompt width {p} != max_prompt_len {cfg.max_prompt_len}")
+        if self._model_cfg is None:
+            self._model_cfg = model_config_of(self.graphdef, params)
+            check_supported(self._model_cfg)
+        model_cfg = self._model_cfg
+        budget = _budget(max_new_B, b, cfg)
+        prefix, token0, row_keys, outputs, done0 = self._prefill(
+            params, prompt_BxP, prompt_valid_BxP, rng, budget
+        )
+        r, new = b * cfg.num_samples, cfg.max_new_tokens
+        queue = [int(i) for i in np.flatnonzero(~_to_host(done0))][::-1]  # pop() takes row 0 first
+        cap = self.num_slots or r
+        slot_bucket = lambda k: min(cap, max(self.min_slots, _pow2_at_least(k, cap)))  # noqa: E731
+        slots_n = slot_bucket(len(queue)) if queue else 0
+        self.stats = {"segments": 0, "shapes": []}
+        if slots_n:
+            length = p + bucket(1, new, self.min_bucket)
+            slots = _empty_jit(model_cfg, slots_n, length)
+            slot_row = np.full(slots_n, -1, np.int32)
+            t_host = np.ones(slots_n, np.int32)
+            done_host = np.ones(slots_n, bool)
+        while queue or (slots_n and not done_host.all()):
+            fresh = np.zeros(slots_n, bool)
+            for s in range(slots_n):
+                if queue and (slot_row[s] < 0 or done_host[s]):
+                    slot_row[s], fresh[s], t_host[s], done_host[s] = queue.pop(), True, 1, False
+                elif done_host[s]:
+                    slot_row[s] = -1
+            live = ~done_host & (slot_row >= 0)
+            need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
+            if need > length:
+                slots, length = _grow_jit(slots, need), need
+            n_live = int(live.sum())
+            # Once no sample waits, exit when a quarter of the slots or fewer are live: shrinking
+            # by 4x (not 2x) halves the slot shapes compiled for a small loss in the tail.
+            quarter = max(slots_n // 4, 1)
+            can_shrink = slot_bucket(quarter) < slots_n
+            min_active = n_live if queue else (quarter + 1 if can_shrink else 1)
+            self.stats["segments"] += 1
+            self.stats["shapes"].append((slots_n, length))
+            slots, outputs = self._segment(
+                params,
+                slots,
+                outputs,
+                prefix,
+                prompt_valid_BxP,
+                token0,
+                row_keys,
+                budget,
+                jnp.asarray(slot_row),
+                jnp.asarray(fresh),
+                jnp.int32(min(min_active, n_live)),
+                length=length,
+            )
+            t_host, done_host = (np.array(x) for x in _to_host((slots["t"], slots["done"])))
+            done_host |= slot_row < 0
+            n_live = int((~done_host).sum())
+            if not queue and 0 < n_live <= quarter and slot_bucket(n_live) < slots_n:
+                keep = np.flatnonzero(~done_host)  # shrink the slot batch 4x (or more)
+                new_n = slot_bucket(n_live)
+                idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
+                slots = _compact_jit(slots, jnp.asarray(idx))
+                slot_row = np.concatenate([slot_row[keep], np.full(new_n - n_live, -1)])
+                slot_row = slot_row.astype(np.int32)
+                t_host, done_host = t_host[idx], done_host[idx] | (slot_row < 0)
+                slots_n = new_n
+        return self._finish(prompt_BxP, prompt_valid_BxP, outputs)
+
+
+def select(graphdef, cfg: SamplingConfig, model_cfg, name: str = "continuous", num_slots: int = 0):
+    """The callers' generate function (`rollout.engine` = name): the continuous `Engine`, or the
+    static sampler when asked, or when the engine cannot decode `model_cfg` (logged)."""
+    from jaxtrace.rollout import sampler  # noqa: PLC0415
+
+    if name not in ENGINES:
+        raise ValueError(f"rollout engine {name!r}; choose from {ENGINES}")
+    if name == "continuous":
+        try:
+            check_supported(model_cfg)
+            return Engine(graphdef, cfg, num_slots=num_slots)
+        except ValueError as e:
+            log.warning("%s: falling back to the static sampler", e)
+    return sampler.make_generate(graphdef, cfg)
+
+
+def make_generate(graphdef, cfg: SamplingConfig, **engine_kwargs):
+    """`(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`, like
+    `sampler.make_generate`, decoded by the continuous-batching `Engine` (kwargs: its
+    num_slots, min_bucket, min_slots)."""
+    return Engine(graphdef, cfg, **engine_kwargs)
