@@ -11,6 +11,7 @@ see `jaxtrace.tpu_topology`, or local devices) and reads XLA's memory and cost a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -179,6 +180,56 @@ def _sampler(graphdef, cfg, mesh, params, rows):
     return make_generate(graphdef, cfg), (params, prompts, valid, _rng(mesh))
 
 
+def sampler_programs(name, graphdef, cfg, mesh, params, prompts, what, config) -> list[Program]:
+    """The programs of the rollout engine the run uses (`rollout.select`): the static sampler is
+    one program; the continuous engine is a host loop of jitted pieces, of which the prefill and
+    the largest decode segment (every slot, the cache at P + N) bound its memory."""
+    from jaxtrace.rollout import engine as engine_lib  # noqa: PLC0415
+
+    model_cfg = model_config(config)
+    r = config.rollout
+    gen = engine_lib.select(graphdef, cfg, model_cfg, r.engine, r.decode_slots)
+    if not isinstance(gen, engine_lib.Engine):
+        fn, args = _sampler(graphdef, cfg, mesh, params, prompts)
+        return [Program(name, fn, args, what + " (static)")]
+    rows = prompts * cfg.num_samples
+    slots = gen.num_slots or rows
+    length = cfg.max_prompt_len + cfg.max_new_tokens
+    prompt = _rows(mesh, (prompts, cfg.max_prompt_len), jnp.int32)
+    valid = _rows(mesh, (prompts, cfg.max_prompt_len), jnp.bool_)
+    budget = _rows(mesh, (rows,), jnp.int32)
+    prefill_args = (params, prompt, valid, _rng(mesh), budget)
+    prefill = jax.jit(functools.partial(engine_lib._prefill, graphdef, cfg))  # `_prefill_jit`
+    prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
+    empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
+    seg_args = (
+        params,
+        _with_rows(mesh, empty),
+        _with_rows(mesh, outputs),
+        _with_rows(mesh, prefix),
+        valid,
+        _with_rows(mesh, token0),
+        _with_rows(mesh, keys),
+        budget,
+        _rows(mesh, (slots,), jnp.int32),
+        _rows(mesh, (slots,), jnp.bool_),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
+    )
+    # The engine's `_segment_jit` at its largest shape (slots and outputs donated, as there).
+    segment = jax.jit(
+        functools.partial(engine_lib._segment, graphdef, cfg, length=length), donate_argnums=(1, 2)
+    )
+    return [
+        Program(f"{name}_prefill", prefill, prefill_args, what + " (engine prefill)"),
+        Program(
+            f"{name}_decode",
+            segment,
+            seg_args,
+            f"{slots} slots, cache {length} (engine's largest decode segment)",
+        ),
+    ]
+
+
 def programs(config, mesh) -> list[Program]:
     """Every program a run of `config` executes, with abstract arguments on `mesh`."""
     from jaxtrace import algos, phases, trainer  # noqa: PLC0415 (the run-time pieces)
@@ -245,37 +296,20 @@ def programs(config, mesh) -> list[Program]:
             )
         )
     sampling = trainer.rollout_sampling(config, (_EOS,), _PAD)
-    fn, args = _sampler(graphdef, sampling, mesh, state["params"], g)
-    out.append(
-        Program(
-            "sampler", fn, args, f"{g} prompts x {k}, P={r.max_prompt_len} N={r.max_new_tokens}"
-        )
-    )
+    what = f"{g} prompts x {k}, P={r.max_prompt_len} N={r.max_new_tokens}"
+    out += sampler_programs("sampler", graphdef, sampling, mesh, state["params"], g, what, config)
     e = config.eval
     eval_cfg = evaluation.sampling_config(
         r.max_prompt_len, r.max_new_tokens, e.num_samples, e.temperature, _EOS, _PAD
     )
     rows = evaluation.batch_rows(e.batch_size, None, mesh)
-    fn, args = _sampler(graphdef, eval_cfg, mesh, state["params"], rows)
-    out.append(
-        Program(
-            "eval_sampler",
-            fn,
-            args,
-            f"{rows} prompts x {eval_cfg.num_samples}, N={r.max_new_tokens}",
-        )
-    )
+    what = f"{rows} prompts x {eval_cfg.num_samples}, N={r.max_new_tokens}"
+    params = state["params"]
+    out += sampler_programs("eval_sampler", graphdef, eval_cfg, mesh, params, rows, what, config)
     if a.annotator == "self":
         cfg = trainer.self_annotation_sampling(r, _EOS, _PAD)
-        fn, args = _sampler(graphdef, cfg, mesh, state["params"], g * k)
-        out.append(
-            Program(
-                "self_annotate",
-                fn,
-                args,
-                f"{g * k} prompts, P={cfg.max_prompt_len} N={cfg.max_new_tokens}",
-            )
-        )
+        what = f"{g * k} prompts, P={cfg.max_prompt_len} N={cfg.max_new_tokens}"
+        out += sampler_programs("self_annotate", graphdef, cfg, mesh, params, g * k, what, config)
     return out
 
 

@@ -20,7 +20,10 @@ def _programs(**changes):
 
 def test_trace_compiles_both_teacher_phases_and_the_samplers():
     progs = _programs()
-    assert set(progs) == {"rl_step+teacher", "rl_step", "sampler", "eval_sampler"}
+    samplers = {
+        f"{s}_{part}" for s in ("sampler", "eval_sampler") for part in ("prefill", "decode")
+    }
+    assert set(progs) == {"rl_step+teacher", "rl_step"} | samplers
     state, batch, _, teacher = progs["rl_step+teacher"].args
     assert teacher is True and batch["response"].shape == (32, 12)
     assert batch["prompt"].shape == (8, 40) and batch["privileged"].shape == (32, 88)
@@ -40,7 +43,25 @@ def test_trace_compiles_both_teacher_phases_and_the_samplers():
     ],
 )
 def test_programs_follow_the_algorithm(changes, names):
-    assert set(_programs(**changes)) - {"sampler", "eval_sampler"} == names
+    assert {n for n in _programs(**changes) if "sampler" not in n} == names
+
+
+def test_static_engine_is_one_sampler_program():
+    progs = _programs(rollout__engine="static")
+    assert {"sampler", "eval_sampler"} <= set(progs) and "sampler_decode" not in progs
+
+
+def test_engine_programs_compile_on_cpu():
+    """The continuous engine's prefill and largest decode segment, as the AOT tool builds them,
+    compile (here for the 8 CPU devices)."""
+    c = base()
+    c.model.num_layers = 1
+    c.rollout.update(prompts_per_step=8, group_size=2, max_new_tokens=8)
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:8])
+    progs = {p.name: p for p in aot.programs(aot.with_placeholders(c), mesh)}
+    for name in ("sampler_prefill", "sampler_decode"):
+        result = aot.compile_program(progs[name], mesh)
+        assert result.status == "ok", result.message
 
 
 def test_ppo_minibatches_and_reference_kl():

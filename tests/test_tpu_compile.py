@@ -219,7 +219,8 @@ def test_compile_cli_prints_the_table():
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "v5e-4: 4 x TPU v5e" in out.stdout
-    for row in ("sft_step", "rl_step+teacher", "rl_step", "sampler", "eval_sampler"):
+    rows = ("sft_step", "rl_step+teacher", "rl_step", "sampler_prefill", "sampler_decode")
+    for row in rows + ("eval_sampler_prefill", "eval_sampler_decode"):
         assert any(ln.split()[:2] == [row, "fits"] for ln in out.stdout.splitlines()), out.stdout
 
 
@@ -227,7 +228,7 @@ def test_compile_cli_bad_input_exits_2():
     base = [sys.executable, "-m", "jaxtrace.compile", "--config=configs/tiny.py"]
     for extra, needle in [
         (["--topology=v5p-7"], "--topology"),
-        (["--topology=v5e-4", "--programs=nope"], "--programs"),
+        (["--topology=v5e-4", "--programs=sampler"], "--programs"),  # the engine's are _prefill...
         (["--topology=v5e-4", "--config.rollout.group_size=1"], "group_size"),
     ]:
         out = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
