@@ -27,6 +27,7 @@ HYBRID = ["--config.model.hybrid_implementation=pallas_tpu"]
 # Variants compile the same programs as their base config except where named (the RL step of
 # each, and the self-annotation sampler of the online variants), so only those are rerun.
 TEACHER, STUDENT = "--programs=rl_step+teacher", "--programs=rl_step"
+ONLINE = "--programs=self_annotate_prefill,self_annotate_decode"  # the engine's programs
 RUNS = [
     ("qwen3_1p7b_trace", "v5p-8", PALLAS, ""),
     ("qwen3_1p7b_hybrid", "v5p-8", PALLAS + HYBRID, ""),
@@ -36,11 +37,11 @@ RUNS = [
     ("qwen3_1p7b_grpo", "v5p-8", PALLAS, STUDENT),
     ("qwen3_1p7b_dapo", "v5p-8", PALLAS, STUDENT),
     ("qwen3_1p7b_opsd", "v5p-8", PALLAS, TEACHER),
-    ("qwen3_1p7b_trace_online", "v5p-8", PALLAS, "--programs=self_annotate"),
+    ("qwen3_1p7b_trace_online", "v5p-8", PALLAS, ONLINE),
     ("qwen3_8b_grpo", "v5p-64", PALLAS, STUDENT),
     ("qwen3_8b_dapo", "v5p-64", PALLAS, STUDENT),
     ("qwen3_8b_opsd", "v5p-64", PALLAS, TEACHER),
-    ("qwen3_8b_trace_online", "v5p-64", PALLAS, "--programs=self_annotate"),
+    ("qwen3_8b_trace_online", "v5p-64", PALLAS, ONLINE),
 ]
 
 
