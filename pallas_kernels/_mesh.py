@@ -81,8 +81,8 @@ def tpu_info():
         return None
     try:
         return pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(version), cores)
-    except (ValueError, TypeError, NotImplementedError):
-        return None
+    except (ValueError, TypeError, NotImplementedError):  # a chip this jax has no table for
+        return None  # callers then assume the smallest VMEM (DEFAULT_VMEM_BYTES): safe tiles
 
 
 def vmem_bytes() -> int:
@@ -114,3 +114,18 @@ def shard_map(fn, mesh, in_specs, out_specs):
     Autodiff is then the classic shard_map transpose: the cotangent of an input replicated over
     some axes is summed over them (a gathered weight's gradient over its token shards)."""
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def shard_map_some(fn, mesh, args, in_specs, out_specs):
+    """`shard_map(fn, mesh, in_specs, out_specs)(*args)` where some optional args are None: those
+    do not cross the shard_map boundary (their spec is ignored) and reach `fn` as None."""
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def body(*xs):
+        full = [None] * len(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    specs = tuple(in_specs[i] for i in present)
+    return shard_map(body, mesh, specs, out_specs)(*(args[i] for i in present))

@@ -144,19 +144,10 @@ def _batch_sharded(local, mesh, args, num_mixing):
     partitioned by XLA, so on a mesh they run under shard_map."""
     rows = _mesh.split_axes(mesh, args[0].shape[0])
     entry = _mesh.spec_entry(rows)
-    spec = lambda x: P(entry, *([None] * (x.ndim - 1)))
-    split = args[: len(args) - num_mixing]
-    present = [i for i, x in enumerate(split) if x is not None]
-
-    def body(*xs):
-        full = list(split)
-        for i, x in zip(present, xs[: len(present)]):
-            full[i] = x
-        return local(*full, *xs[len(present) :])
-
-    in_specs = tuple(spec(split[i]) for i in present) + (P(),) * num_mixing
-    fn = _mesh.shard_map(body, mesh, in_specs, spec(args[0]))
-    return fn(*(split[i] for i in present), *args[len(args) - num_mixing :])
+    spec = lambda x: None if x is None else P(entry, *([None] * (x.ndim - 1)))
+    split = len(args) - num_mixing
+    in_specs = tuple(spec(x) for x in args[:split]) + (P(),) * num_mixing
+    return _mesh.shard_map_some(local, mesh, args, in_specs, spec(args[0]))
 
 
 def hybrid_attention_prefill(

@@ -254,17 +254,9 @@ def _token_sharded(local, mesh, h_s, w, route, h_t, tl):
     T), with W gathered whole; the Mosaic kernels cannot be partitioned by XLA."""
     axes = _mesh.split_axes(mesh, h_s.shape[0])
     tok = _mesh.spec_entry(axes)
-    args = [(h_s, P(tok, None)), (w, P()), (route, P(tok)), (h_t, P(tok, None)), (tl, P(tok, None))]
-    present = [(i, a, spec) for i, (a, spec) in enumerate(args) if a is not None]
-
-    def body(*xs):
-        full = [None] * len(args)
-        for (i, _, _), x in zip(present, xs):
-            full[i] = x
-        return local(*full)
-
-    fn = _mesh.shard_map(body, mesh, tuple(p for _, _, p in present), P(tok))
-    return fn(*(a for _, a, _ in present))
+    rows = P(tok, None)
+    specs = (rows, P(), P(tok), rows, rows)
+    return _mesh.shard_map_some(local, mesh, (h_s, w, route, h_t, tl), specs, P(tok))
 
 
 def _span_kl_local(cfg, compact, h_student_TxD, w_DxV, route_T, h_teacher_TxD, teacher_logits_TxV):
