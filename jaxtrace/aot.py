@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtrace import evaluation, sharding, steps
 from jaxtrace.config import model_config
 from jaxtrace.models import abstract_model
-from jaxtrace.rollout import make_generate
+from jaxtrace.rollout import layout, make_generate
+from jaxtrace.rollout import sampler as sampler_lib
 
 # Token ids do not change a program's shapes; compile with stand-ins.
 _EOS, _PAD = 1, 0
@@ -56,7 +57,7 @@ class Program:
     fn: object  # a jax.jit-wrapped function
     args: tuple  # abstract args (ShapeDtypeStruct with sharding) and static values
     what: str  # one line for the table
-    resident_bytes: int = 0  # per device, held in HBM beside the program (a frozen reference)
+    resident_bytes: int = 0  # per device, in HBM beside the program (training state, reference)
 
 
 @dataclasses.dataclass
@@ -77,7 +78,7 @@ class Result:
     def total_bytes(self) -> int:
         """Peak per-device HBM as XLA counts it: arguments + outputs not aliased to an argument
         (donated buffers are reused) + temporaries, plus what stays resident beside the program
-        (the reference KL's frozen params)."""
+        (the reference KL's frozen params; beside the samplers, the training state)."""
         args_out = self.argument_bytes + self.output_bytes - self.alias_bytes
         return args_out + self.temp_bytes + self.resident_bytes
 
@@ -180,20 +181,32 @@ def _sampler(graphdef, cfg, mesh, params, rows):
     return make_generate(graphdef, cfg), (params, prompts, valid, _rng(mesh))
 
 
-def sampler_programs(name, graphdef, cfg, mesh, params, prompts, what, config) -> list[Program]:
-    """The programs of the rollout engine the run uses (`rollout.select`): the static sampler is
-    one program; the continuous engine is a host loop of jitted pieces, of which the prefill and
-    the largest decode segment (every slot, the cache at P + N) bound its memory."""
+def sampler_programs(
+    name, graphdef, cfg, mesh, params, prompts, what, config, resident: int = 0
+) -> list[Program]:
+    """The programs of the rollout engine the run uses (`rollout.select`, with the cache
+    budget's row count): the static sampler is one program (one row chunk of it); the continuous
+    engine is a host loop of jitted pieces, of which the prefill and the largest decode segment
+    (every slot, the cache at P + N) bound its memory. `params`: as the sampler gets them (the
+    decode copy); `resident`: bytes per device held beside them (the training state)."""
     from jaxtrace.rollout import engine as engine_lib  # noqa: PLC0415
 
     model_cfg = model_config(config)
     r = config.rollout
-    gen = engine_lib.select(graphdef, cfg, model_cfg, r.engine, r.decode_slots)
+    dp = sharding.data_parallel_size(mesh)
+    gen = engine_lib.select(
+        graphdef, cfg, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp
+    )
     if not isinstance(gen, engine_lib.Engine):
-        fn, args = _sampler(graphdef, cfg, mesh, params, prompts)
-        return [Program(name, fn, args, what + " (static)")]
+        max_rows = getattr(gen, "max_rows", 0)
+        chunk = prompts
+        if max_rows:
+            chunk = min(prompts, sampler_lib.chunk_prompts(max_rows, cfg.num_samples, dp))
+            what += f", in chunks of {chunk} prompts"
+        fn, args = _sampler(graphdef, cfg, mesh, params, chunk)
+        return [Program(name, fn, args, what + " (static)", resident)]
     rows = prompts * cfg.num_samples
-    slots = gen.num_slots or rows
+    slots = gen.slot_cap(rows)
     length = cfg.max_prompt_len + cfg.max_new_tokens
     prompt = _rows(mesh, (prompts, cfg.max_prompt_len), jnp.int32)
     valid = _rows(mesh, (prompts, cfg.max_prompt_len), jnp.bool_)
@@ -220,12 +233,13 @@ def sampler_programs(name, graphdef, cfg, mesh, params, prompts, what, config) -
         functools.partial(engine_lib._segment, graphdef, cfg, length=length), donate_argnums=(1, 2)
     )
     return [
-        Program(f"{name}_prefill", prefill, prefill_args, what + " (engine prefill)"),
+        Program(f"{name}_prefill", prefill, prefill_args, what + " (engine prefill)", resident),
         Program(
             f"{name}_decode",
             segment,
             seg_args,
             f"{slots} slots, cache {length} (engine's largest decode segment)",
+            resident,
         ),
     ]
 
@@ -295,21 +309,37 @@ def programs(config, mesh) -> list[Program]:
                 full + f" Q={r.max_privileged_len}",
             )
         )
+    # The samplers run on the decode copy of the params (`rollout.layout`), made by one reshard
+    # program; the training state (and a frozen reference) stays in HBM beside them.
+    params = layout.abstract_decode_params(
+        state["params"], model_cfg, mesh, r.decode_layout, r.decode_in_compute_dtype
+    )
+    copied = params is not state["params"]
+    held = _per_device_bytes(state) + reference
+    resident = held if copied else held - _per_device_bytes(state["params"])
+    if copied:
+        reshard = layout.make_reshard(model_cfg, mesh, r.decode_layout, r.decode_in_compute_dtype)
+        rest = held - _per_device_bytes(state["params"])  # beside the reshard: all but params
+        what = f"params -> {r.decode_layout} layout, {jax.tree.leaves(params)[0].dtype}"
+        out.append(Program("decode_reshard", reshard, (state["params"],), what, rest))
     sampling = trainer.rollout_sampling(config, (_EOS,), _PAD)
     what = f"{g} prompts x {k}, P={r.max_prompt_len} N={r.max_new_tokens}"
-    out += sampler_programs("sampler", graphdef, sampling, mesh, state["params"], g, what, config)
+    out += sampler_programs("sampler", graphdef, sampling, mesh, params, g, what, config, resident)
     e = config.eval
     eval_cfg = evaluation.sampling_config(
         r.max_prompt_len, r.max_new_tokens, e.num_samples, e.temperature, _EOS, _PAD
     )
     rows = evaluation.batch_rows(e.batch_size, None, mesh)
     what = f"{rows} prompts x {eval_cfg.num_samples}, N={r.max_new_tokens}"
-    params = state["params"]
-    out += sampler_programs("eval_sampler", graphdef, eval_cfg, mesh, params, rows, what, config)
+    out += sampler_programs(
+        "eval_sampler", graphdef, eval_cfg, mesh, params, rows, what, config, resident
+    )
     if a.annotator == "self":
         cfg = trainer.self_annotation_sampling(r, _EOS, _PAD)
         what = f"{g * k} prompts, P={cfg.max_prompt_len} N={cfg.max_new_tokens}"
-        out += sampler_programs("self_annotate", graphdef, cfg, mesh, params, g * k, what, config)
+        out += sampler_programs(
+            "self_annotate", graphdef, cfg, mesh, params, g * k, what, config, resident
+        )
     return out
 
 

@@ -7,8 +7,10 @@
 The config and its `--config.<key>=<value>` overrides are the ones `jaxtrace.train` takes; the
 mesh comes from the config exactly as on the slice. Each program (SFT step, RL step with and
 without the teacher, the once-per-rollout-batch log-prob and teacher passes of PPO mini-batches
-and the reference KL, divergence pass, and the rollout, eval and self-annotation samplers: the
-continuous engine's prefill and its largest decode segment, or the static sampler) is
+and the reference KL, divergence pass, the reshard of the weights to the decode layout, and the
+rollout, eval and self-annotation samplers on that copy, with the training state counted beside
+them and the rows the cache budget allows: the continuous engine's prefill and its largest
+decode segment, or one row chunk of the static sampler) is
 built by the trainer's own constructors at the config's shapes from abstract params (nothing is
 allocated) and compiled by XLA:TPU and Mosaic for the slice's chips (libtpu describes the
 topology; no TPU is needed). One table: compiled or the first error line, per-chip HBM
@@ -61,7 +63,8 @@ def define_flags() -> None:
         [],
         "Only these programs (default: every program the run executes): sft_step, rl_step, "
         "rl_step+teacher, logprobs and teacher_hidden (PPO mini-batches / reference KL), "
-        "divergence; the samplers sampler, eval_sampler, self_annotate (static engine) or "
+        "divergence, decode_reshard (rollout.decode_layout != train, or a dtype cast); the "
+        "samplers sampler, eval_sampler, self_annotate (static engine) or "
         "their _prefill and _decode (continuous engine: its prefill and largest segment).",
     )
     _F.json = flags.DEFINE_string("json", "", "Also write the results as JSON to this path.")

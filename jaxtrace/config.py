@@ -21,6 +21,7 @@ ALGOS = tuple(algos.PRESETS)
 ANNOTATORS = ("oracle", "file", "api", "self", "divergence", "none")
 TASKS = ("arithmetic", "gsm8k", "jsonl")
 ENGINES = ("continuous", "static")  # rollout.engine (jaxtrace.rollout.engine.ENGINES)
+DECODE_LAYOUTS = ("train", "replicated", "tensor")  # rollout.decode_layout (sharding.*)
 
 
 def model_dict(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -56,7 +57,16 @@ def base() -> ml_collections.ConfigDict:
             temperature=1.0,
             top_p=1.0,
             engine="continuous",  # continuous (rollout/engine.py) | static (rollout/sampler.py)
-            decode_slots=0,  # continuous engine: decode slots (0 = one per rollout row)
+            # Rows decoded at once (engine: decode slots; static sampler: its row chunk):
+            # decode_slots if > 0, else what cache_budget_gib GiB of KV cache per chip holds
+            # (jaxtrace/rollout/layout.py has the formula; 0 = no budget, every row at once).
+            decode_slots=0,
+            cache_budget_gib=16.0,
+            # The sampler's copy of the weights, made once per RL step and freed after:
+            # train (as placed) | replicated (data-parallel decode) | tensor (tensor-parallel
+            # over mesh.tensor, FSDP axis replicated); in the compute dtype when it differs.
+            decode_layout="train",
+            decode_in_compute_dtype=True,
         )
     )
     c.algo = ml_collections.ConfigDict(
@@ -165,6 +175,8 @@ BOUNDS = {
     "rollout.max_new_tokens": (1, math.inf, True),
     "rollout.temperature": (0, math.inf, False),
     "rollout.top_p": (0, 1, False),
+    "rollout.decode_slots": (0, math.inf, True),
+    "rollout.cache_budget_gib": (0, math.inf, True),  # 0 = no budget
     "algo.kl_lambda0": (0, math.inf, True),
     "algo.kl_warmup_steps": (0, math.inf, True),
     "algo.kl_decay_steps": (0, math.inf, True),
@@ -262,6 +274,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     need(c.rollout.decode_slots >= 0, f"rollout.decode_slots={c.rollout.decode_slots} must be >= 0")
     need(
+        c.rollout.decode_layout in DECODE_LAYOUTS,
+        f"rollout.decode_layout={c.rollout.decode_layout!r}; choose from {DECODE_LAYOUTS}",
+    )
+    need(
+        isinstance(c.rollout.decode_in_compute_dtype, bool),
+        f"rollout.decode_in_compute_dtype={c.rollout.decode_in_compute_dtype!r} must be a bool",
+    )
+    need(
         c.algo.kl_decay in ("linear", "cosine", "constant"),
         f"algo.kl_decay={c.algo.kl_decay!r}; choose linear | cosine | constant",
     )
@@ -292,9 +312,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"verifier.call_budget_s={c.verifier.call_budget_s} must be >= verifier.timeout_s",
     )
     try:
-        model_config(c)
+        model_cfg = model_config(c)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from e
+    if not c.rollout.decode_slots:
+        _check_cache_budget(c, model_cfg)
+
+
+def _check_cache_budget(c, model_cfg) -> None:
+    """The cache budget holds one decode slot of every sampler the run uses (its count per chip
+    does not depend on the mesh)."""
+    from jaxtrace.rollout import layout  # noqa: PLC0415 (imports jax models)
+
+    r = c.rollout
+    lengths = {"rollout": r.max_prompt_len + r.max_new_tokens}
+    if c.algo.annotator == "self":  # trainer.self_annotation_sampling
+        lengths["self-annotation"] = 4 * r.max_privileged_len + 2 * r.max_new_tokens
+    for what, length in lengths.items():
+        try:
+            layout.slots_for_budget(model_cfg, length, r.cache_budget_gib)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({what}); raise it, or set rollout.decode_slots") from e
 
 
 def _validate_algo(c, need) -> None:

@@ -11,12 +11,14 @@ from jaxtrace.rollout import SamplingConfig, engine
 _GENERATORS: dict = {}
 
 
-def _generator(graphdef, params, cfg, engine_name, decode_slots):
+def _generator(graphdef, params, cfg, engine_name, decode_slots, cache_budget_gib, dp):
     """One sampler per (model graph, sampling config, engine): evaluating twice compiles once."""
-    key = (graphdef, cfg, engine_name, decode_slots)
+    key = (graphdef, cfg, engine_name, decode_slots, cache_budget_gib, dp)
     if key not in _GENERATORS:
         model_cfg = engine.model_config_of(graphdef, params)
-        _GENERATORS[key] = engine.select(graphdef, cfg, model_cfg, engine_name, decode_slots)
+        _GENERATORS[key] = engine.select(
+            graphdef, cfg, model_cfg, engine_name, decode_slots, cache_budget_gib, dp
+        )
     return _GENERATORS[key]
 
 
@@ -61,13 +63,16 @@ def evaluate(
     mesh=None,
     engine_name: str = "continuous",
     decode_slots: int = 0,
+    cache_budget_gib: float = 0.0,
 ):
     """Returns {"pass@1" or "avg@k", "pass@k", "n", "response_length"} over `examples`.
 
     With temperature 0 decoding is greedy and `num_samples` is forced to 1. The batch has a
     fixed size (the last one padded), so the sampler compiles once. With `mesh`, each batch is
-    split over its data axes (the batch size rounded up to a multiple of them). `engine_name`:
-    the rollout engine (`jaxtrace.rollout.select`).
+    split over its data axes (the batch size rounded up to a multiple of them). `engine_name`,
+    `decode_slots`, `cache_budget_gib`: the rollout engine and the rows it decodes at once
+    (`jaxtrace.rollout.select`). `params` as the sampler takes them (the trainer passes its
+    decode-layout copy, `rollout.layout`).
     """
     from jaxtrace.metrics import progress  # noqa: PLC0415
 
@@ -77,7 +82,8 @@ def evaluate(
         encoder.p, max_new_tokens, num_samples, temperature, tokenizer.eos_id, tokenizer.pad_id
     )
     k = cfg.num_samples
-    generate = _generator(graphdef, params, cfg, engine_name, decode_slots)
+    dp = 1 if mesh is None else sharding.data_parallel_size(mesh)
+    generate = _generator(graphdef, params, cfg, engine_name, decode_slots, cache_budget_gib, dp)
     batch_size = batch_rows(batch_size, len(examples), mesh)
     correct = np.zeros((len(examples), k), np.float32)
     lengths = []

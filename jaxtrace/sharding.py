@@ -36,6 +36,28 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
 )
 
+# Decode layouts of the weights (`rollout.decode_layout`, `jaxtrace.rollout.layout`): the rules
+# the sampler's copy of the params is placed by. "train" is DEFAULT_RULES (FSDP: every decode
+# step all-gathers the weights). "replicated": every weight whole on every chip, the batch split
+# over the data axes (pure data-parallel decode; the usual choice when the weights fit one chip).
+# "tensor": tensor-parallel over the "tensor" axis, the FSDP axis replicated (no weight gathers;
+# Megatron-style collectives on the activations instead).
+DECODE_LAYOUTS = ("train", "replicated", "tensor")
+REPLICATED_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+)
+TENSOR_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = tuple(
+    (name, None if target == "fsdp" else target) for name, target in DEFAULT_RULES
+)
+
+
+def decode_rules(layout: str):
+    """The rules table of a decode layout (one of DECODE_LAYOUTS)."""
+    tables = {"train": DEFAULT_RULES, "replicated": REPLICATED_RULES, "tensor": TENSOR_RULES}
+    if layout not in tables:
+        raise ValueError(f"decode layout {layout!r}; choose from {DECODE_LAYOUTS}")
+    return tables[layout]
+
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with the named axes; one size may be -1 (fill with the remaining devices)."""

@@ -31,7 +31,7 @@ from jaxtrace.phases import (
     prompt_indices,  # noqa: F401 (the data position; moved to phases)
 )
 from jaxtrace.rewards import MathVerifier
-from jaxtrace.rollout import SamplingConfig, engine
+from jaxtrace.rollout import SamplingConfig, engine, layout
 from jaxtrace.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxtrace")
@@ -395,6 +395,16 @@ def _run(config, mesh) -> dict:
     check_inputs(config, model_cfg, tokenizer, encoder, train, test)
     writer = metrics.MetricWriter(config.workdir, enabled=is_main)
     graphdef, params = init_params(config, model_cfg, mesh)
+    # The samplers' weights: a decode-layout copy per RL step, freed before the update.
+    decode = layout.DecodeWeights.from_config(r, model_cfg, mesh)
+    if decode.reshard is not None:
+        dtype = layout.decode_dtype(model_cfg, r.decode_in_compute_dtype) or model_cfg.weight_dtype
+        log.info(
+            "samplers decode on a per-step copy of the weights: layout %s, %s",
+            r.decode_layout,
+            jnp.dtype(dtype).name,
+        )
+    dp = sharding.data_parallel_size(mesh)
     vcfg = config.verifier
     verifier = MathVerifier(
         timeout_s=vcfg.timeout_s,
@@ -406,6 +416,12 @@ def _run(config, mesh) -> dict:
 
     def run_eval(p, tag):
         e = config.eval
+        try:
+            return _evaluate(decode(p), tag, e)
+        finally:
+            decode.release()
+
+    def _evaluate(p, tag, e):
         return evaluation.evaluate(
             graphdef,
             p,
@@ -423,6 +439,7 @@ def _run(config, mesh) -> dict:
             mesh=mesh,
             engine_name=r.engine,
             decode_slots=r.decode_slots,
+            cache_budget_gib=r.cache_budget_gib,
         )
 
     ckpt = checkpoint.Checkpointer(paths.join(config.workdir, "ckpt"), keep=config.train.keep_ckpts)
@@ -453,10 +470,15 @@ def _run(config, mesh) -> dict:
     log.info("algorithm %s: %s", a.name, algo)
     rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config, algo))
     sampling = rollout_sampling(config, (tokenizer.eos_id,), tokenizer.pad_id)
-    generate = engine.select(graphdef, sampling, model_cfg, r.engine, r.decode_slots)
-    annotator = make_annotator(
-        config, train, _self_generate(graphdef, lambda: state["params"], tokenizer, r), tokenizer
+    generate = layout.in_decode_layout(
+        engine.select(
+            graphdef, sampling, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp
+        ),
+        decode,
     )
+    # Self-annotation decodes with the same copy as the step's rollouts (made once per step).
+    self_generate = _self_generate(graphdef, lambda: decode(state["params"]), tokenizer, r, dp)
+    annotator = make_annotator(config, train, self_generate, tokenizer)
     phases = RLPhases(
         config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step
     )
@@ -474,6 +496,7 @@ def _run(config, mesh) -> dict:
             lam = kl_lambda(a, algo, step)
             sample, vstats, sample_m = phases.rollout_and_score(state["params"], step)
             batch, host_m, use_teacher = phases.build_batch(sample, lam, state["params"])
+            decode.release()  # sampling is over: the update runs without the decode copy
             state, m = phases.update(state, batch, sample, lam, use_teacher, ref_params)
             host_m.update(sample_m)
             if not m.pop("finite"):
@@ -569,8 +592,9 @@ def self_annotation_sampling(r, eos_id, pad_id) -> SamplingConfig:
     )
 
 
-def _self_generate(graphdef, get_params, tokenizer, r):
-    """generate_fn for self-annotation: the current policy, greedy. The annotator builds prompts
+def _self_generate(graphdef, get_params, tokenizer, r, batch_shards=1):
+    """generate_fn for self-annotation: the current policy (`get_params()`: its decode copy),
+    greedy, at most the cache budget's rows at once. The annotator builds prompts
     that fit the budget (shortening the response's middle); one that does not is an error,
     never cut from the left, which would drop the instructions and the problem."""
     cfg = self_annotation_sampling(r, tokenizer.eos_id, tokenizer.pad_id)
@@ -581,7 +605,9 @@ def _self_generate(graphdef, get_params, tokenizer, r):
         nonlocal gen
         if gen is None:
             model_cfg = engine.model_config_of(graphdef, get_params())
-            gen = engine.select(graphdef, cfg, model_cfg, r.engine, r.decode_slots)
+            gen = engine.select(
+                graphdef, cfg, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, batch_shards
+            )
         ids = [tokenizer.encode(p) for p in prompts]
         if max(map(len, ids), default=0) > budget:
             raise ValueError(f"a self-annotation prompt exceeds its {budget}-token budget")

@@ -7,9 +7,10 @@ Same API and outputs as `sampler.make_generate` (a drop-in, `rollout.engine="con
   budget) that covers the longest live row. A decode step attends over those L slots only, and
   the cache is grown (padded) between segments when a row reaches the end of its bucket. So a step
   costs O(current length), not O(P + budget), and the cache memory is slots x L, not rows x (P+N).
-- **Continuous batching.** A fixed number of decode slots (`num_slots`, default one per row). The
-  host runs jitted *segments* of decode steps (a `while_loop` that exits when a slot frees up
-  while samples wait, when a row needs a bigger bucket, or when 3/4 of the slots went idle);
+- **Continuous batching.** A fixed number of decode slots (`num_slots`, default one per row, at
+  most `max_slots`: the cache budget's count, `layout.slots_for_budget`). The host runs jitted
+  *segments* of decode steps (a `while_loop` that exits when a slot frees up while samples
+  wait, when a row needs a bigger bucket, or when 3/4 of the slots went idle);
   between segments it hands free slots to waiting samples and, once no sample waits, compacts
   the live rows into a smaller power-of-two slot batch. Rows of a GRPO group do
   not decode in lockstep.
@@ -29,9 +30,10 @@ static sampler's token for token. The cost is up to 2x of attention over the tru
 bucket and a cache copy when a bucket grows (also O(log N) times). A Pallas paged-attention path
 for TPU would slot in at `_segment`'s model call; it is not built.
 
-Hooks for TPU (not built here): the engine takes params already placed, so a reshard from the
-training (FSDP) layout to a decode layout (tensor-parallel / replicated) goes in the caller, once
-per RL step, before `Engine.__call__`; the slot arrays follow the params' devices.
+Placement: the engine takes params already placed; the callers reshard them from the training
+(FSDP) layout to the decode layout once per RL step (`rollout.layout`). On a mesh the slot arrays
+are split over its batch axes (when the slot count divides), so the data axes decode different
+rows and a chip holds slots / d of the cache (unsplit, every chip would decode every slot).
 `Engine.program_shapes(rows)` lists every (slots, cache length) segment shape a call may compile,
 for an ahead-of-time compile and its HBM count.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtrace.models import causal_mask, init_cache, positions_from_valid
+from jaxtrace.rollout import layout
 from jaxtrace.rollout.sampler import SamplingConfig, _top_p_filter, sample_categorical
 
 log = logging.getLogger(__name__)
@@ -267,10 +271,32 @@ _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
 _segment_jit = jax.jit(
     _segment, static_argnums=(0, 1), static_argnames=("length",), donate_argnums=(3, 4)
 )
-_grow_jit = jax.jit(_grow, static_argnums=1)
-_compact_jit = jax.jit(_compact)
-_empty_jit = jax.jit(_empty_slots, static_argnums=(0, 1, 2))
 _finish_jit = jax.jit(_finish, static_argnums=0)
+
+
+@functools.cache
+def _placed(kind: str, out_sharding):
+    """The slot-batch jits with their outputs on `out_sharding` (None: where XLA puts them)."""
+    if kind == "empty":
+        return jax.jit(_empty_slots, static_argnums=(0, 1, 2), out_shardings=out_sharding)
+    if kind == "grow":
+        return jax.jit(_grow, static_argnums=1, out_shardings=out_sharding)
+    return jax.jit(_compact, out_shardings=out_sharding)
+
+
+def slot_sharding(params, slots: int):
+    """The slot arrays' placement: their leading (slot) axis split over the batch axes of the
+    params' mesh when `slots` divides evenly, else None (no mesh, or replicated).
+    (A cache stacked per layer, [layers, slots, ...], would split its axis 1 instead.)"""
+    from jaxtrace import sharding  # noqa: PLC0415
+
+    placed = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if not isinstance(placed, jax.sharding.NamedSharding):
+        return None
+    mesh = placed.mesh
+    if math.prod(mesh.shape.values()) < 2 or slots % sharding.data_parallel_size(mesh):
+        return None
+    return sharding.batch_sharding(mesh, 1)
 
 
 def _to_host(x):
@@ -284,10 +310,10 @@ class Engine:
     returns the static sampler's rollout dict (R = B * num_samples rows, see
     `sampler.generate`); max_new_B may be per prompt [B] or per row [R].
 
-    num_slots: decode slots (0 = one per row; fewer bounds the cache memory, samples then wait
-    for a free slot). min_bucket: the smallest response-length bucket of the cache. min_slots:
-    the slot batch is never compacted below this (smaller batches save little and each size is
-    one more compile).
+    num_slots: decode slots (0 = one per row, at most max_slots when that is > 0; fewer than the
+    rows bounds the cache memory, samples then wait for a free slot). min_bucket: the smallest
+    response-length bucket of the cache. min_slots: the slot batch is never compacted below this
+    (smaller batches save little and each size is one more compile).
     `stats` holds the last call's segment count and the (slots, cache length) shapes it used.
     """
 
@@ -298,14 +324,16 @@ class Engine:
         num_slots: int = 0,
         min_bucket: int = 64,
         min_slots: int = 8,
+        max_slots: int = 0,
     ):
-        if num_slots < 0 or min_bucket < 1 or min_slots < 1:
+        if num_slots < 0 or max_slots < 0 or min_bucket < 1 or min_slots < 1:
             raise ValueError(
-                f"Engine: num_slots={num_slots} must be >= 0, min_bucket={min_bucket} and "
-                f"min_slots={min_slots} >= 1"
+                f"Engine: num_slots={num_slots} and max_slots={max_slots} must be >= 0, "
+                f"min_bucket={min_bucket} and min_slots={min_slots} >= 1"
             )
         self.graphdef, self.cfg = graphdef, cfg
         self.num_slots, self.min_bucket, self.min_slots = num_slots, min_bucket, min_slots
+        self.max_slots = max_slots
         # Module-level jits keyed on (graphdef, cfg): engines of one model share compilations.
         self._prefill = functools.partial(_prefill_jit, graphdef, cfg)
         self._segment = functools.partial(_segment_jit, graphdef, cfg)
@@ -316,7 +344,7 @@ class Engine:
     def program_shapes(self, rows: int) -> list[tuple[int, int]]:
         """Every (slots, cache length) pair that a call with `rows` rollout rows may compile a
         segment for: what an ahead-of-time compile (and its memory count) has to cover."""
-        cap = self.num_slots or rows
+        cap = self.slot_cap(rows)
         slots, k = {cap}, 1
         while k < cap:
             slots.add(min(cap, max(self.min_slots, k)))
@@ -324,6 +352,12 @@ class Engine:
         p, new = self.cfg.max_prompt_len, self.cfg.max_new_tokens
         lengths = {p + bucket(t, new, self.min_bucket) for t in range(1, new + 1)}
         return sorted((s, n) for s in slots for n in lengths)
+
+    def slot_cap(self, rows: int) -> int:
+        """The most decode slots a call with `rows` rollout rows uses."""
+        if self.num_slots:
+            return self.num_slots
+        return min(rows, self.max_slots) if self.max_slots else rows
 
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         cfg = self.cfg
@@ -340,13 +374,13 @@ class Engine:
         )
         r, new = b * cfg.num_samples, cfg.max_new_tokens
         queue = [int(i) for i in np.flatnonzero(~_to_host(done0))][::-1]  # pop() takes row 0 first
-        cap = self.num_slots or r
+        cap = self.slot_cap(r)
         slot_bucket = lambda k: min(cap, max(self.min_slots, _pow2_at_least(k, cap)))  # noqa: E731
         slots_n = slot_bucket(len(queue)) if queue else 0
         self.stats = {"segments": 0, "shapes": []}
         if slots_n:
             length = p + bucket(1, new, self.min_bucket)
-            slots = _empty_jit(model_cfg, slots_n, length)
+            slots = _placed("empty", slot_sharding(params, slots_n))(model_cfg, slots_n, length)
             slot_row = np.full(slots_n, -1, np.int32)
             t_host = np.ones(slots_n, np.int32)
             done_host = np.ones(slots_n, bool)
@@ -360,7 +394,8 @@ class Engine:
             live = ~done_host & (slot_row >= 0)
             need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
             if need > length:
-                slots, length = _grow_jit(slots, need), need
+                slots = _placed("grow", slot_sharding(params, slots_n))(slots, need)
+                length = need
             n_live = int(live.sum())
             # Once no sample waits, exit when a quarter of the slots or fewer are live: shrinking
             # by 4x (not 2x) halves the slot shapes compiled for a small loss in the tail.
@@ -390,7 +425,7 @@ class Engine:
                 keep = np.flatnonzero(~done_host)  # shrink the slot batch 4x (or more)
                 new_n = slot_bucket(n_live)
                 idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
-                slots = _compact_jit(slots, jnp.asarray(idx))
+                slots = _placed("compact", slot_sharding(params, new_n))(slots, jnp.asarray(idx))
                 slot_row = np.concatenate([slot_row[keep], np.full(new_n - n_live, -1)])
                 slot_row = slot_row.astype(np.int32)
                 t_host, done_host = t_host[idx], done_host[idx] | (slot_row < 0)
@@ -398,24 +433,40 @@ class Engine:
         return self._finish(prompt_BxP, prompt_valid_BxP, outputs)
 
 
-def select(graphdef, cfg: SamplingConfig, model_cfg, name: str = "continuous", num_slots: int = 0):
+def select(
+    graphdef,
+    cfg: SamplingConfig,
+    model_cfg,
+    name: str = "continuous",
+    num_slots: int = 0,
+    cache_budget_gib: float = 0.0,
+    batch_shards: int = 1,
+):
     """The callers' generate function (`rollout.engine` = name): the continuous `Engine`, or the
-    static sampler when asked, or when the engine cannot decode `model_cfg` (logged)."""
+    static sampler when asked, or when the engine cannot decode `model_cfg` (logged).
+
+    Rows decoded at once: `num_slots` when > 0, else as many as `cache_budget_gib` GiB per chip
+    holds with the rows split over `batch_shards` chips (`layout.slots_for_budget`; 0 = no
+    budget, every row at once): the engine's decode slots, the static sampler's row chunk."""
     from jaxtrace.rollout import sampler  # noqa: PLC0415
 
     if name not in ENGINES:
         raise ValueError(f"rollout engine {name!r}; choose from {ENGINES}")
+    length = cfg.max_prompt_len + cfg.max_new_tokens
+    budget_rows = 0
+    if not num_slots:
+        budget_rows = layout.slots_for_budget(model_cfg, length, cache_budget_gib, batch_shards)
     if name == "continuous":
         try:
             check_supported(model_cfg)
-            return Engine(graphdef, cfg, num_slots=num_slots)
+            return Engine(graphdef, cfg, num_slots=num_slots, max_slots=budget_rows)
         except ValueError as e:
             log.warning("%s: falling back to the static sampler", e)
-    return sampler.make_generate(graphdef, cfg)
+    return sampler.make_generate(graphdef, cfg, max_rows=num_slots or budget_rows)
 
 
 def make_generate(graphdef, cfg: SamplingConfig, **engine_kwargs):
     """`(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`, like
     `sampler.make_generate`, decoded by the continuous-batching `Engine` (kwargs: its
-    num_slots, min_bucket, min_slots)."""
+    num_slots, min_bucket, min_slots, max_slots)."""
     return Engine(graphdef, cfg, **engine_kwargs)

@@ -206,11 +206,65 @@ def generate(
     }
 
 
-def make_generate(graphdef, cfg: SamplingConfig):
-    """A jitted `(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`."""
+def make_generate(graphdef, cfg: SamplingConfig, max_rows: int = 0):
+    """A jitted `(params, prompt, prompt_valid, rng, max_new_B=None) -> rollout dict`.
+
+    max_rows > 0 bounds the rows generated at once (the KV cache holds max_rows x (P + N) slots,
+    `layout.slots_for_budget`): the prompts go in chunks of max(1, max_rows // num_samples)
+    (rounded down to a multiple of the rows' data-parallel split when it allows), each with the
+    key fold_in(rng, chunk index), the outputs concatenated. Greedy output does not depend on the
+    chunks; sampled output is another draw from the same distribution."""
 
     @jax.jit
     def run(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         return generate(graphdef, params, prompt_BxP, prompt_valid_BxP, rng, cfg, max_new_B)
 
-    return run
+    if max_rows <= 0:
+        return run
+
+    def chunked(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
+        b, n = np.shape(prompt_BxP)[0], cfg.num_samples
+        per = chunk_prompts(max_rows, n, _row_split(prompt_BxP))
+        if b <= per:
+            return run(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B)
+        outs = []
+        for i, start in enumerate(range(0, b, per)):
+            rows = slice(start, min(start + per, b))
+            limit = None
+            if max_new_B is not None:  # per prompt [B] or per row [B * n]
+                limit = jnp.asarray(max_new_B)
+                per_row = limit.shape[0] != b
+                limit = limit[rows.start * n : rows.stop * n] if per_row else limit[rows]
+            p, v = (_rows_like(x, rows) for x in (prompt_BxP, prompt_valid_BxP))
+            outs.append(run(params, p, v, jax.random.fold_in(rng, i), limit))
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+    chunked.max_rows = max_rows
+    return chunked
+
+
+def chunk_prompts(max_rows: int, num_samples: int, split: int = 1) -> int:
+    """Prompts per chunk of the row-chunked sampler: max(1, max_rows // num_samples), rounded
+    down to a multiple of `split` (the data-parallel split of the rows) when at least one."""
+    per = max(1, max_rows // num_samples)
+    return per // split * split if per >= split else per
+
+
+def _row_split(x) -> int:
+    """How many ways x's leading axis is split (1 for host arrays)."""
+    spec = getattr(getattr(x, "sharding", None), "spec", None)
+    if not spec or spec[0] is None:
+        return 1
+    mesh = x.sharding.mesh
+    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _rows_like(x, rows: slice):
+    """Rows of x, placed as x is when the rows still split evenly (a slice of a split array
+    otherwise lands wherever XLA puts it)."""
+    part = x[rows]
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and part.shape[0] % _row_split(x) == 0:
+        return jax.device_put(part, sharding)
+    return part
