@@ -44,6 +44,9 @@ def qwen3_config(preset: str, arg=None, *, fkl: bool = True):
     c.eval.update(num_samples=4, temperature=0.6, batch_size=256)
     # TPU: FSDP over every chip; switch to {"fsdp": -1, "tensor": 4} past one host of 8B.
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # Rollouts decode on a bf16 copy of the weights, whole on every chip (1.7B: 3.4 GB), the
+    # rows split over the chips; the KV cache of the decode slots within rollout.cache_budget_gib.
+    c.rollout.decode_layout = "replicated"
     c.verifier.num_workers = 8
     variant = arg or "trace"
     if variant == "trace_rkl":

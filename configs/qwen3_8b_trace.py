@@ -18,5 +18,6 @@ from qwen3_1p7b_trace import qwen3_config  # noqa: E402
 def get_config(arg=None):
     c = qwen3_config("qwen3_8b", arg, fkl=True)
     c.mesh.update(data=1, fsdp=-1, tensor=4)
+    c.rollout.decode_layout = "tensor"  # the bf16 copy 4-way tensor-parallel: 4 GB per chip
     c.rollout.prompts_per_step = 128
     return c

@@ -29,4 +29,5 @@ def get_config(arg=None):
     c = qwen3_config("qwen3_30b_a3b", arg, fkl=True)
     c.workdir = "runs/q30a3_trace"
     c.mesh.update(data=1, fsdp=-1, tensor=1, expert=8)
+    c.rollout.decode_layout = "tensor"  # experts stay split over `expert`, the rest replicated
     return c

@@ -551,6 +551,7 @@ def _run(config, mesh) -> dict:
         writer.write(results["steps"], results["after"], prefix="eval/")
     results["step_time_s"] = float(np.median(step_times[1:])) if len(step_times) > 1 else None
     results["cum_exposure"] = host["cum_exposure"]
+    results["decode_copies"] = decode.copies  # weight reshards for the samplers (this process)
     if is_main:
         with paths.open_path(paths.join(config.workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -2,6 +2,7 @@
 8 CPU devices; the TPU compiles are tests/test_tpu_compile.py)."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxtrace import aot, sharding
@@ -89,3 +90,55 @@ def test_shipped_tpu_configs_validate():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         validate(aot.with_placeholders(module.get_config()))
+
+
+def _fsdp_programs(**rollout):
+    """The programs on a 2 (data) x 4 (fsdp) mesh of a 1-layer bf16-compute model."""
+    c = base()
+    c.model.update(num_layers=1, dtype="bfloat16")
+    c.rollout.update(prompts_per_step=8, group_size=4, max_new_tokens=12, **rollout)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, jax.devices()[:8])
+    return {p.name: p for p in aot.programs(aot.with_placeholders(c), mesh)}, mesh
+
+
+def test_samplers_run_on_the_decode_copy_with_the_training_state_resident():
+    """decode_layout=replicated: a reshard program, the samplers' params whole on every chip and
+    in bf16, and the training state (params + optimizer moments) counted beside them."""
+    progs, mesh = _fsdp_programs(decode_layout="replicated")
+    state = progs["rl_step"].args[0]
+    params = progs["sampler_decode"].args[0]
+    assert all(not any(x.sharding.spec) for x in jax.tree.leaves(params))  # replicated
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state["params"]))
+    held = aot._per_device_bytes(state)
+    for name in ("sampler_prefill", "sampler_decode", "eval_sampler_decode"):
+        assert progs[name].resident_bytes == held, name
+    reshard = progs["decode_reshard"]
+    assert reshard.resident_bytes == held - aot._per_device_bytes(state["params"])
+    for name in ("decode_reshard", "sampler_decode"):
+        result = aot.compile_program(progs[name], mesh)
+        assert result.status == "ok", result.message
+    # The train layout without a cast: no copy, the samplers take the training params.
+    progs, _ = _fsdp_programs(decode_in_compute_dtype=False)
+    assert "decode_reshard" not in progs
+    assert progs["sampler_decode"].args[0] is progs["rl_step"].args[0]["params"]
+    held = aot._per_device_bytes(progs["rl_step"].args[0])
+    params_bytes = aot._per_device_bytes(progs["sampler_decode"].args[0])
+    assert progs["sampler_decode"].resident_bytes == held - params_bytes
+
+
+def test_the_cache_budget_sets_the_compiled_slots_and_row_chunks():
+    """3.5 slots' cache per chip (3 slots) on 8 batch shards: the engine's largest segment has
+    24 slots (of 32 rows); the static sampler compiles one chunk of 24 rows = 6 prompts (fewer
+    than the 8-way split, so not rounded to it)."""
+    from jaxtrace.config import model_config  # noqa: PLC0415
+    from jaxtrace.rollout import layout  # noqa: PLC0415
+
+    c = base()
+    c.model.update(num_layers=1, dtype="bfloat16")
+    per_slot = layout.slot_cache_bytes(model_config(c), 40 + 12)
+    gib = 3.5 * per_slot / layout.GIB
+    progs, _ = _fsdp_programs(cache_budget_gib=gib)
+    assert progs["sampler_decode"].args[1]["t"].shape == (24,)
+    progs, _ = _fsdp_programs(cache_budget_gib=gib, engine="static")
+    assert progs["sampler"].args[1].shape == (6, 40)

@@ -1,6 +1,12 @@
 """The rollout's decode layout (weights resharded once per RL step, optionally cast to the
 compute dtype) and the cache budget (decode slots / row chunks derived from GiB per chip)."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +18,7 @@ from jaxtrace.config import DECODE_LAYOUTS, ConfigError, base, validate
 from jaxtrace.models.config import preset
 from jaxtrace.rollout import SamplingConfig, engine, layout, left_pad, make_generate, sampler
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
 CFG = preset(
     "tiny",
@@ -244,3 +251,49 @@ def test_a_small_budget_is_fine_when_decode_slots_is_set():
     c = base()
     c.rollout.update(cache_budget_gib=1e-9, decode_slots=4)
     validate(c)
+
+
+@needs8
+@pytest.mark.slow
+def test_trainer_end_to_end_in_the_replicated_layout(tmp_path):
+    """`jaxtrace.train` with `--config.rollout.decode_layout=replicated` on an FSDP mesh (a tiny
+    model, 2 RL steps, subprocess): rollouts, self-annotation and eval decode on the copy."""
+    overrides = {
+        "workdir": str(tmp_path),
+        "model.hidden_size": 32,
+        "model.intermediate_size": 64,
+        "model.num_layers": 2,
+        "model.num_heads": 2,
+        "model.num_kv_heads": 1,
+        "model.head_dim": 16,
+        "data.num_train": 64,
+        "data.num_test": 8,
+        "sft.steps": 2,
+        "sft.batch_size": 8,
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "rollout.max_new_tokens": 40,
+        "rollout.decode_layout": "replicated",
+        "algo.annotator": "self",
+        "train.steps": 2,
+        "train.progress": False,
+        "eval.batch_size": 8,
+        "mesh.data": 4,
+        "mesh.fsdp": 2,
+    }
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxtrace.train", "--config=configs/tiny.py"]
+        + [f"--config.{k}={v}" for k, v in overrides.items()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "samplers decode on a per-step copy of the weights: layout replicated" in out.stderr
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["steps"] == 2 and "after" in results and "before" in results
+    # One copy per eval (before, after) and per RL step, shared by its rollout and annotation.
+    assert results["decode_copies"] == 4
