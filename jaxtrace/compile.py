@@ -14,8 +14,9 @@ decode segment, or one row chunk of the static sampler) is
 built by the trainer's own constructors at the config's shapes from abstract params (nothing is
 allocated) and compiled by XLA:TPU and Mosaic for the slice's chips (libtpu describes the
 topology; no TPU is needed). One table: compiled or the first error line, per-chip HBM
-(arguments, temporaries, total) against the chip's, XLA FLOPs per chip, compile seconds and a
-roofline time (max of FLOPs / peak and bytes / HBM bandwidth, from published chip figures).
+(arguments, temporaries, resident beside the program, total) against the chip's, XLA FLOPs per
+chip, compile seconds and a roofline time (max of FLOPs / peak and bytes / HBM bandwidth, from
+published chip figures).
 
 Exit codes: 0 every program compiled and fits; 1 some program failed to compile or does not
 fit; 2 bad flags, config or topology, or libtpu missing.
@@ -92,6 +93,7 @@ def table(results, chip) -> str:
                 {
                     "args GiB": _gib(r.argument_bytes),
                     "temp GiB": _gib(r.temp_bytes),
+                    "resident GiB": _gib(r.resident_bytes),
                     "total GiB": f"{_gib(r.total_bytes)} / {_gib(chip.hbm_bytes)}",
                     "TFLOP/chip": f"{r.flops / 1e12:.2f}",
                     "roofline s": f"{roof:.3f}",
@@ -101,7 +103,8 @@ def table(results, chip) -> str:
             row["total GiB"] = r.message
         row["compile s"] = f"{r.compile_s:.1f}"
         rows.append(row)
-    cols = ["program", "verdict", "args GiB", "temp GiB", "total GiB", "TFLOP/chip"]
+    cols = ["program", "verdict", "args GiB", "temp GiB", "resident GiB", "total GiB"]
+    cols.append("TFLOP/chip")
     return fmt(rows, cols + ["roofline s", "compile s"])
 
 
