@@ -98,7 +98,8 @@ def abstract_state(model_cfg, optimizer, mesh):
     rep = sharding.replicated(mesh)
     opt_state = optax.tree_map_params(
         optimizer,
-        lambda p, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding),
+        # f(state leaf, params leaf): a moment takes its param's sharding.
+        lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding),
         opt_shapes,
         params,
         transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),

@@ -142,3 +142,13 @@ def test_the_cache_budget_sets_the_compiled_slots_and_row_chunks():
     assert progs["sampler_decode"].args[1]["t"].shape == (24,)
     progs, _ = _fsdp_programs(cache_budget_gib=gib, engine="static")
     assert progs["sampler"].args[1].shape == (6, 40)
+
+
+def test_optimizer_moments_are_placed_like_their_params():
+    """The abstract optimizer state (AdamW's two moments) is FSDP-sharded as the trainer's is
+    (`optimizer.init` on placed params), not counted whole per chip."""
+    progs, _ = _fsdp_programs()
+    state = progs["rl_step"].args[0]
+    params, moments = aot._per_device_bytes(state["params"]), state["opt_state"]
+    assert all(x.sharding is not None for x in jax.tree.leaves(moments))
+    assert params < aot._per_device_bytes(moments) <= 2 * params + 64  # + the step counters
