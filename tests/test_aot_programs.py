@@ -138,8 +138,12 @@ def test_the_cache_budget_sets_the_compiled_slots_and_row_chunks():
     c.model.update(num_layers=1, dtype="bfloat16")
     per_slot = layout.slot_cache_bytes(model_config(c), 40 + 12)
     gib = 3.5 * per_slot / layout.GIB
-    progs, _ = _fsdp_programs(cache_budget_gib=gib)
+    progs, mesh = _fsdp_programs(cache_budget_gib=gib)
     assert progs["sampler_decode"].args[1]["t"].shape == (24,)
+    # Compiled, a chip's arguments hold its 3 slots' cache, not all 24.
+    result = aot.compile_program(progs["sampler_decode"], mesh)
+    assert result.status == "ok", result.message
+    assert 3 * per_slot <= result.argument_bytes < 24 * per_slot
     progs, _ = _fsdp_programs(cache_budget_gib=gib, engine="static")
     assert progs["sampler"].args[1].shape == (6, 40)
 
