@@ -27,8 +27,22 @@ bucketed dense prefixes need no new attention kernel (only a per-row cache write
 `qwen3.write_rows`), compile once per (slot bucket, length bucket) pair visited - O(log) of each -
 and keep attention exactly the model's `dot_product_attention`, so greedy decoding equals the
 static sampler's token for token. The cost is up to 2x of attention over the true length inside a
-bucket and a cache copy when a bucket grows (also O(log N) times). A Pallas paged-attention path
-for TPU would slot in at `_segment`'s model call; it is not built.
+bucket and a cache copy when a bucket grows (also O(log N) times).
+
+Not built: a paged path on TPU with jax's `pallas.ops.tpu.paged_attention` (decode: q [B, Hq, Dh],
+head-major pages [Hkv, pages, page_size, Dh] per layer, `lengths` [B], `page_indices` [B, pages
+per row]; `ragged_paged_attention` also takes prefill chunks but interleaves K and V as [pages,
+page_size, 2 Hkv, Dh]). What it needs: (1) no mask argument - a row attends to positions
+[0, length) of its pages - so prompts stored packed (real tokens from slot 0, not left-padded;
+RoPE positions already count only real tokens); (2) a page pool per layer sized by the cache
+budget, a host free list handing pages out between segments (a segment reserving the pages its
+steps can reach) and a page table per slot; a group's full prompt pages shared by index, its
+last partial page copied per row; (3) the per-step K/V write as an XLA scatter into (page,
+offset) (the kernel only reads); (4) `shard_map` over the batch axes (Mosaic kernels are not
+partitioned by XLA), each shard with its own pool, as `pallas_kernels._mesh` does; (5) its
+constraints: pages per row divisible by `pages_per_compute_block`, int32 lengths, megacore mode
+on v4 / v5p. CPU / GPU keep the dense buckets (a gather-based paged attention is slower there).
+The gain: memory follows the pages in use (no bucket slack, no copy when a row outgrows one).
 
 Placement: the engine takes params already placed; the callers reshard them from the training
 (FSDP) layout to the decode layout once per RL step (`rollout.layout`). On a mesh the slot arrays
