@@ -191,6 +191,8 @@ def test_engine_with_a_budget_uses_fewer_slots_and_the_same_output():
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     override = engine.select(graphdef, cfg, CFG, "continuous", 5, cache_budget_gib=gib)
     assert override.slot_cap(16) == 5  # decode_slots > 0 overrides the budget
+    with pytest.raises(ValueError, match="max_slots=-1 must be >= 0"):
+        engine.Engine(graphdef, cfg, max_slots=-1)
 
 
 def test_static_sampler_in_row_chunks():
