@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtrace import evaluation, sharding, steps
+from jaxtrace import evaluation, flops, sharding, steps
 from jaxtrace.config import model_config
 from jaxtrace.models import abstract_model
 from jaxtrace.rollout import layout, make_generate
@@ -58,6 +58,7 @@ class Program:
     args: tuple  # abstract args (ShapeDtypeStruct with sharding) and static values
     what: str  # one line for the table
     resident_bytes: int = 0  # per device, in HBM beside the program (training state, reference)
+    model_flops: float = 0.0  # per device, `jaxtrace.flops` (0 = not counted, the samplers)
 
 
 @dataclasses.dataclass
@@ -72,6 +73,7 @@ class Result:
     resident_bytes: int = 0
     flops: float = 0.0
     bytes_accessed: float = 0.0
+    model_flops: float = 0.0
     compile_s: float = 0.0
 
     @property
@@ -154,6 +156,10 @@ def sft_batch(config, mesh):
         "response": _rows(mesh, (b, n), jnp.int32),
         "response_mask": _rows(mesh, (b, n), jnp.bool_),
     }
+
+
+def _shapes(batch) -> dict:
+    return {key: x.shape for key, x in batch.items()}
 
 
 def _per_device_bytes(tree) -> int:
@@ -265,25 +271,31 @@ def programs(config, mesh) -> list[Program]:
     )
     # The reference KL's frozen params stay in HBM beside every program of the RL step.
     reference = _per_device_bytes(state["params"]) if a.ref_kl_coef > 0 else 0
+    # Model FLOPs per device of a program on `batch` (`jaxtrace.flops`), for the MFU estimate.
+    per_device = lambda count, batch: count(model_cfg, _shapes(batch)) / mesh.size  # noqa: E731
     out = []
     if config.sft.steps > 0 and not config.init_from:
         sft_opt = steps.make_optimizer(
             config.sft.lr, config.sft.warmup_steps, o.grad_clip, 0.0, o.b1, o.b2
         )
         sft_state = abstract_state(model_cfg, sft_opt, mesh)
+        batch = sft_batch(config, mesh)
         out.append(
             Program(
                 "sft_step",
                 steps.make_sft_step(graphdef, sft_opt),
-                (sft_state, sft_batch(config, mesh)),
+                (sft_state, batch),
                 f"{config.sft.batch_size} rows, Q={r.max_privileged_len} N={r.max_new_tokens}",
+                model_flops=per_device(flops.sft_step_flops, batch),
             )
         )
     logprob_fn = steps.make_logprob_fn(graphdef, a.kl_implementation or None)
     teacher_fn = steps.make_teacher_hidden_fn(graphdef)
     if multi or reference:  # once per rollout batch: the behaviour's and the reference's
         args = (state["params"], rl_batch(config, mesh, False, m))
-        out.append(Program("logprobs", logprob_fn, args, shape + " (old / reference)", reference))
+        count = per_device(flops.logprob_flops, args[1])
+        what = shape + " (old / reference)"
+        out.append(Program("logprobs", logprob_fn, args, what, reference, count))
         logp = _with_rows(mesh, jax.eval_shape(logprob_fn, *args))
     for teacher in trainer.teacher_phases(config):
         batch = rl_batch(config, mesh, teacher, m)
@@ -293,13 +305,14 @@ def programs(config, mesh) -> list[Program]:
         if reference:
             batch = {**batch, "ref_logp": logp}
         if multi and teacher:
-            out.append(
-                Program("teacher_hidden", teacher_fn, (state["params"], batch), what, reference)
-            )
+            count = per_device(flops.teacher_hidden_flops, batch)
+            args = (state["params"], batch)
+            out.append(Program("teacher_hidden", teacher_fn, args, what, reference, count))
             hidden = jax.eval_shape(teacher_fn, state["params"], batch)
             batch = {**batch, "teacher_hidden": _with_rows(mesh, hidden)}
         name = "rl_step+teacher" if teacher else "rl_step"
-        out.append(Program(name, rl_step, (state, batch, lam, teacher), what, reference))
+        count = per_device(flops.rl_step_flops, batch)
+        out.append(Program(name, rl_step, (state, batch, lam, teacher), what, reference, count))
     if a.name == "trace" and a.annotator == "divergence":
         fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
         out.append(
@@ -371,7 +384,12 @@ def compile_program(prog: Program, mesh) -> Result:
             first = f"VMEM overflow, used {vmem.group(1)} of {vmem.group(2)}: {first[:200]}"
         seconds = time.perf_counter() - t0
         return Result(
-            prog.name, status, first[:300], compile_s=seconds, resident_bytes=prog.resident_bytes
+            prog.name,
+            status,
+            first[:300],
+            compile_s=seconds,
+            resident_bytes=prog.resident_bytes,
+            model_flops=prog.model_flops,
         )
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -387,5 +405,6 @@ def compile_program(prog: Program, mesh) -> Result:
         resident_bytes=prog.resident_bytes,
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        model_flops=prog.model_flops,
         compile_s=seconds,
     )

@@ -54,10 +54,11 @@ class Checkpointer:
             force=force,
         )
 
-    def restore(self, step: int | None, abstract_state):
+    def restore(self, step: int | None, abstract_state, host_keys=()):
         """(state, host_state) of `step` (default: the newest step that restores), placed like
         `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings, or of arrays).
-        The steps skipped on the way are in `self.skipped`."""
+        A host state without every key of `host_keys` does not restore (an edited or truncated
+        JSON that still parses). The steps skipped on the way are in `self.skipped`."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
 
         def restore_step(s):
@@ -69,6 +70,9 @@ class Checkpointer:
             )
             if not isinstance(out["host"], dict):
                 raise ValueError(f"host state is a {type(out['host']).__name__}, not an object")
+            missing = [k for k in host_keys if k not in out["host"]]
+            if missing:
+                raise ValueError(f"host state lacks the keys {missing}")
             return out["state"], out["host"]
 
         (state, host), _, self.skipped = restore_newest(

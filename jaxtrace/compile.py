@@ -16,7 +16,9 @@ allocated) and compiled by XLA:TPU and Mosaic for the slice's chips (libtpu desc
 topology; no TPU is needed). One table: compiled or the first error line, per-chip HBM
 (arguments, temporaries, resident beside the program, total) against the chip's, XLA FLOPs per
 chip, compile seconds and a roofline time (max of FLOPs / peak and bytes / HBM bandwidth, from
-published chip figures).
+published chip figures) and, for the training programs, the model FLOPs (`jaxtrace.flops`) and
+the MFU that roofline time would give: an estimate (an upper bound) until measured on the
+hardware.
 
 Exit codes: 0 every program compiled and fits; 1 some program failed to compile or does not
 fit; 2 bad flags, config or topology, or libtpu missing.
@@ -99,13 +101,16 @@ def table(results, chip) -> str:
                     "roofline s": f"{roof:.3f}",
                 }
             )
+            if r.model_flops and roof > 0:  # model FLOPs at the roofline time: an upper bound
+                row["model TFLOP"] = f"{r.model_flops / 1e12:.2f}"
+                row["MFU bound"] = f"{100 * r.model_flops / (roof * chip.peak_flops):.0f}%"
         else:
             row["total GiB"] = r.message
         row["compile s"] = f"{r.compile_s:.1f}"
         rows.append(row)
     cols = ["program", "verdict", "args GiB", "temp GiB", "resident GiB", "total GiB"]
     cols.append("TFLOP/chip")
-    return fmt(rows, cols + ["roofline s", "compile s"])
+    return fmt(rows, cols + ["roofline s", "model TFLOP", "MFU bound", "compile s"])
 
 
 def main(argv):

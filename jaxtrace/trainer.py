@@ -36,6 +36,9 @@ from jaxtrace.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxtrace")
 
+# The host state an RL checkpoint must hold to resume (a step without them is skipped).
+HOST_KEYS = ("cum_exposure", "consecutive_nonfinite", "skipped_steps", "before")
+
 
 class NonFiniteError(RuntimeError):
     """Raised after too many consecutive non-finite steps."""
@@ -453,7 +456,7 @@ def _run(config, mesh) -> dict:
         log.info("held-out accuracy before RL: %s", results["before"])
         state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
         state = place_state(state, mesh)
-        host = {
+        host = {  # HOST_KEYS
             "cum_exposure": 0.0,
             "consecutive_nonfinite": 0,
             "skipped_steps": 0,
@@ -461,7 +464,7 @@ def _run(config, mesh) -> dict:
         }
     else:
         abstract = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-        state, host = ckpt.restore(None, place_state(abstract, mesh))
+        state, host = ckpt.restore(None, place_state(abstract, mesh), host_keys=HOST_KEYS)
         _quarantine_skipped(ckpt)
         results["before"] = host["before"]
         log.info("resumed from step %d", int(state["step"]))

@@ -224,3 +224,61 @@ def test_annotator_dropped_spans_counts_quotes_not_in_the_response():
         Quotes(), Tok(), ex, [[3, 4]] * 3, ["ab"] * 3, [True, False, True], 4
     )
     assert counts["dropped_spans"] == 6 and not key.any() and not err.any()
+
+
+# ------------------------------------------------------------------ proxies
+def test_http_api_goes_through_http_proxy_in_absolute_form(servers, monkeypatch):
+    # The "proxy" answers itself; what matters is that the request reached it, for the API's
+    # absolute URL, with the proxy's credentials.
+    proxy = servers(lambda h: (h.server.paths.append(h.path), h.send(200, _ok_reply()))[-1])
+    proxy.paths = []
+    monkeypatch.setenv("http_proxy", f"http://user:pw@127.0.0.1:{proxy.server_port}")
+    monkeypatch.setenv("no_proxy", "")
+    api = OpenAIAnnotator("http://api.example.invalid/v1", "m", timeout_s=5.0, max_retries=0)
+    (res,) = api.annotate([_req()])
+    assert res.status == "ok", res.detail
+    assert proxy.paths == ["http://api.example.invalid/v1/chat/completions"]
+    assert proxy.seen[0][1]["Proxy-Authorization"] == "Basic dXNlcjpwdw=="  # user:pw
+
+
+def test_no_proxy_host_is_reached_directly(servers, monkeypatch):
+    direct = servers(lambda h: h.send(200, _ok_reply()))
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    (res,) = _api(direct).annotate([_req()])
+    assert res.status == "ok" and len(direct.seen) == 1
+
+
+def test_https_api_tunnels_through_the_proxy_without_showing_it_the_key(monkeypatch):
+    # A proxy that records the CONNECT request and refuses it: the tunnel was asked for the
+    # API's host, and nothing the proxy saw carries the API key.
+    monkeypatch.setenv("JT_KEY", "sk-secret-123")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    seen = []
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            seen.append(data)
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("no_proxy", "")
+    api = OpenAIAnnotator(
+        "https://api.example.invalid/v1", "m", timeout_s=5.0, max_retries=0, api_key_env="JT_KEY"
+    )
+    (res,) = api.annotate([_req()])
+    listener.close()
+    assert res.status == "failed"
+    assert seen and seen[0].startswith(b"CONNECT api.example.invalid:443 HTTP/")
+    assert b"sk-secret-123" not in seen[0]

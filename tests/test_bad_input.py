@@ -273,3 +273,13 @@ def test_cli_eval_corrupt_run_config_exit_2_naming_it(tmp_path):
     (tmp_path / "run" / "config.json").write_text("{")
     out = _cli("eval", f"--ckpt={tmp_path / 'run' / 'ckpt'}", "--sets=arithmetic")
     _one_line_exit_2(out, f"run config '{tmp_path / 'run' / 'config.json'}' is not valid JSON")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json"])
+def test_corrupt_tokenizer_is_an_input_error_naming_it(tmp_path, name):
+    from jaxtrace.data import tokenizer  # noqa: PLC0415
+
+    path = tmp_path / name
+    path.write_bytes(b"\x00\x01 not a tokenizer \xff")
+    with pytest.raises(InputError, match=rf"{name}' cannot be loaded"):
+        tokenizer.load(str(path))

@@ -280,3 +280,17 @@ def test_lock_on_a_remote_workdir():
         with pytest.raises(WorkdirLockedError, match=f"in use by pid {os.getpid()}"):
             WorkdirLock(workdir).acquire()
     assert not paths.exists(lock.path)
+
+
+def test_host_state_missing_a_key_falls_back_to_the_previous_step(tmp_path):
+    # A host JSON that parses but lacks what the trainer reads (edited by hand, or cut short at
+    # a line break) is a step that does not restore, not a KeyError later.
+    d = _saved(tmp_path, steps=(1, 2))
+    (path,) = [p for p in glob.glob(f"{d}/2/host/*") if not p.endswith("commit_success.txt")]
+    with open(path, "w") as f:
+        json.dump({"other": 1}, f)
+    ckpt = checkpoint.Checkpointer(d, keep=3)
+    state, host = ckpt.restore(None, _state(0.0), host_keys=("at",))
+    assert host == {"at": 1} and float(state["w"][0, 0]) == 1.0
+    assert [s for s, _ in ckpt.skipped] == [2] and "lacks the keys ['at']" in ckpt.skipped[0][1]
+    ckpt.close()

@@ -2,16 +2,20 @@
 
 The API key is read from an environment variable at request time and only ever placed in the
 Authorization header of a request to `base_url`'s host: it is not stored on the object, logged,
-or put in any error message. The client speaks HTTP itself (http.client, no proxies) so that:
+or put in any error message. The client speaks HTTP itself (http.client) so that:
   * a request has one total deadline, `timeout_s`, for connect + send + headers + body: a
     watchdog shuts the socket down when it passes, so a server dripping bytes cannot hold it;
   * redirects are refused (a 3xx is a failed annotation), so the key never goes to another host;
   * a reply nested deeper than `max_json_depth` is a failed annotation, not a RecursionError;
-  * a 429 / 503 `Retry-After` (seconds or an HTTP date) is waited for, up to `max_retry_after_s`.
+  * a 429 / 503 `Retry-After` (seconds or an HTTP date) is waited for, up to `max_retry_after_s`;
+  * the usual proxy variables are honoured (`https_proxy` / `http_proxy` / `no_proxy`, as urllib
+    reads them): an https API goes through a CONNECT tunnel, so TLS runs end to end and the proxy
+    never sees the Authorization header; an http API is sent to the proxy in absolute form.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import http.client
 import json
@@ -24,6 +28,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -166,13 +171,27 @@ class OpenAIAnnotator(Annotator):
                 )
         raise last
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+        """A connection for one request (direct, or through the environment's proxy), the
+        request target to send on it and the headers the proxy needs on the request."""
         p = self._parts
+        path = p.path + (f"?{p.query}" if p.query else "")
+        proxy = _proxy_for(p)
         if p.scheme == "https":
-            return http.client.HTTPSConnection(
-                p.hostname, p.port, timeout=self.timeout_s, context=ssl.create_default_context()
+            host, port = (proxy.hostname, proxy.port or 8080) if proxy else (p.hostname, p.port)
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=self.timeout_s, context=ssl.create_default_context()
             )
-        return http.client.HTTPConnection(p.hostname, p.port, timeout=self.timeout_s)
+            if proxy:
+                conn.set_tunnel(p.hostname, p.port or 443, headers=_proxy_auth(proxy))
+            return conn, path, {}
+        if proxy:  # plain http: the proxy forwards a request for the absolute URL
+            conn = http.client.HTTPConnection(
+                proxy.hostname, proxy.port or 8080, timeout=self.timeout_s
+            )
+            target = urllib.parse.urlunsplit((p.scheme, p.netloc, p.path, p.query, ""))
+            return conn, target, _proxy_auth(proxy)
+        return http.client.HTTPConnection(p.hostname, p.port, timeout=self.timeout_s), path, {}
 
     def _post(self, data: bytes) -> bytes:
         """One attempt: the raw 200 body, or _Timeout / _Retryable / _Fatal."""
@@ -180,9 +199,9 @@ class OpenAIAnnotator(Annotator):
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        path = self._parts.path + (f"?{self._parts.query}" if self._parts.query else "")
         deadline = time.monotonic() + self.timeout_s
-        conn = self._connection()
+        conn, path, proxy_headers = self._connection()
+        headers.update(proxy_headers)
         watchdog = threading.Timer(self.timeout_s, _shut_down, (conn,))
         watchdog.daemon = True
         watchdog.start()
@@ -219,6 +238,26 @@ class OpenAIAnnotator(Annotator):
         finally:
             watchdog.cancel()
             conn.close()
+
+
+def _proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
+    """The proxy the environment names for this URL (None: direct, or the host is in
+    no_proxy)."""
+    url = urllib.request.getproxies().get(parts.scheme)
+    if not url or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxy = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    return proxy if proxy.hostname else None
+
+
+def _proxy_auth(proxy: urllib.parse.SplitResult | None) -> dict[str, str]:
+    """Proxy-Authorization for a proxy URL with user:password@ (else none)."""
+    if proxy is None or proxy.username is None:
+        return {}
+    user = urllib.parse.unquote(proxy.username)
+    password = urllib.parse.unquote(proxy.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Proxy-Authorization": f"Basic {token}"}
 
 
 def _shut_down(conn: http.client.HTTPConnection) -> None:

@@ -16,6 +16,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from jaxtrace.errors import InputError, reading
+
 # Linear offsets: each token's end is read off a decode of at most _LAG + _WINDOW ids that
 # starts _LAG ids before an anchor whose end is known; the anchor moves every _WINDOW tokens.
 _LAG, _WINDOW = 4, 8
@@ -107,7 +109,10 @@ class SentencePieceTokenizer(Tokenizer):
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"sentencepiece model {model_path!r} does not exist")
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:  # sentencepiece's "Internal: ... ParseFromArray"
+            raise InputError(f"sentencepiece model {model_path!r} cannot be loaded: {e}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.eos_id = self.sp.eos_id()
@@ -175,7 +180,10 @@ class HFTokenizer(Tokenizer):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"no tokenizer.json at {path!r}")
-        self.tok = _Tok.from_file(file)
+        try:
+            self.tok = _Tok.from_file(file)
+        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception)
+            raise InputError(f"tokenizer {file!r} cannot be loaded: {e}") from None
         self.vocab_size = self.tok.get_vocab_size()
         self.eos_id = self.tok.token_to_id(eos_token)
         self.pad_id = self.tok.token_to_id(pad_token)
@@ -186,8 +194,9 @@ class HFTokenizer(Tokenizer):
         self.eos_token = eos_token
         config = os.path.join(os.path.dirname(file), "tokenizer_config.json")
         if os.path.exists(config):
-            with open(config) as f:
-                template = json.load(f).get("chat_template")
+            with reading(config, "tokenizer config"), open(config) as f:
+                template = json.load(f)
+            template = template.get("chat_template") if isinstance(template, dict) else None
             # Some models ship a list of named templates; the default one is the chat template.
             if isinstance(template, list):
                 named = {t.get("name"): t.get("template") for t in template}
