@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("norm", None),
+    ("layers", None),  # the stacked decoder layers' leading axis (scanned over, never split)
 )
 
 # Decode layouts of the weights (`rollout.decode_layout`, `jaxtrace.rollout.layout`): the rules

@@ -16,7 +16,11 @@ from jaxtrace.models.qwen3 import (
     causal_mask,
     grow_cache,
     init_cache,
+    is_kv,
+    pad_cache_slots,
     positions_from_valid,
+    repeat_cache_rows,
+    take_cache_rows,
 )
 
 __all__ = [
@@ -30,9 +34,13 @@ __all__ = [
     "from_hf_dict",
     "grow_cache",
     "init_cache",
+    "is_kv",
     "logical_axes",
+    "pad_cache_slots",
     "positions_from_valid",
     "preset",
+    "repeat_cache_rows",
+    "take_cache_rows",
     "to_hf_dict",
 ]
 

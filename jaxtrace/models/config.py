@@ -8,6 +8,18 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Activation checkpointing of each decoder layer in training passes (`qwen3.REMAT_POLICIES`):
+# "none" keeps every activation, "full" recomputes the layer in the backward pass, "dots" keeps
+# the outputs of the weight matmuls (no batch dims: projections and MLP, not attention scores).
+REMAT = ("none", "full", "dots")
+
+
+def period(kinds) -> int:
+    """The smallest p dividing len(kinds) with kinds[i] == kinds[i % p] for every i."""
+    n = len(kinds)
+    return next(
+        p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +65,12 @@ class ModelConfig:
     hybrid_alpha: float = 1.0  # weight of the window softmax (1: dense-exact when T <= window)
     hybrid_beta: float = 0.5  # weight of the linear attention beyond the window
     hybrid_implementation: str = "xla"  # linear_attention.IMPLEMENTATIONS
-    # Activation checkpointing of each decoder layer (saves memory in training).
-    remat: bool = False
+    # Activation checkpointing of each decoder layer in training: one of REMAT (True = "full",
+    # False = "none", for older configs).
+    remat: str = "none"
+    # Run the layers under `jax.lax.scan` over stacked params (compile time independent of depth);
+    # False runs the same stacked params in an unrolled Python loop (debugging, reference).
+    scan_layers: bool = True
 
     def __post_init__(self):
         for name in (
@@ -85,6 +101,10 @@ class ModelConfig:
                 f"ModelConfig: num_experts_per_tok={self.num_experts_per_tok} must be in "
                 f"[1, num_experts={self.num_experts}] for qwen3_moe"
             )
+        if isinstance(self.remat, bool):  # configs from before the policy names
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; use one of {REMAT}")
         if self.moe_capacity_factor < 0:
             raise ValueError(
                 f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be >= 0 "
@@ -108,6 +128,23 @@ class ModelConfig:
             and i not in self.mlp_only_layers
             and (i + 1) % self.decoder_sparse_step == 0
         )
+
+    def is_hybrid_layer(self, i: int) -> bool:
+        return self.family == "qwen3_hybrid" and i in self.hybrid_layers
+
+    @property
+    def param_period(self) -> int:
+        """Layer i's params sit at index i // p of stack i % p (`params["layers"][i % p]`,
+        leading axis num_layers / p), p the period of the MoE / dense pattern. Hybrid layers
+        have the dense layers' params, so a dense checkpoint loads into a linearised config."""
+        return period([self.is_moe_layer(i) for i in range(self.num_layers)])
+
+    @property
+    def scan_period(self) -> int:
+        """Layers per scanned block: the period of the (MoE, hybrid) pattern, a multiple of
+        `param_period`. num_layers when the pattern does not repeat (then one block, unrolled)."""
+        kinds = [(self.is_moe_layer(i), self.is_hybrid_layer(i)) for i in range(self.num_layers)]
+        return period(kinds)
 
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""

@@ -8,9 +8,17 @@ per-layer KV cache {"k", "v": [B, Hkv, S, Dh]} written at `cache_index` (an int:
 for every row; an int array [B]: a decode step's slot per row, `write_rows`). The model returns
 final hidden states; `lm_head_weight()` gives the [D, V] head so that losses can work from hidden
 states without materialising logits (`pallas_kernels.span_kl`).
+
+Layers are stored stacked and run under `jax.lax.scan` (`run_layers`): `params["layers"][j]`
+holds layers j, j + p, j + 2p, ... (p = `cfg.param_period`, the period of the MoE / dense
+pattern) with a leading "layers" axis, and the scan steps over blocks of `cfg.scan_period`
+layers (the period of the MoE / hybrid pattern). The model's cache (`init_cache`) is stacked the
+same way per block position; a layer sees its own slice, in the layout above.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -171,14 +179,112 @@ class DecoderLayer(nnx.Module):
         return x + y, cache, aux
 
 
+REMAT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy (config.REMAT documents them)
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stack_layers(layers: list[DecoderLayer], p: int) -> list[DecoderLayer]:
+    """p modules, the j-th holding layers j, j + p, j + 2p, ... stacked on a leading axis
+    (logical axis "layers")."""
+    stacks = []
+    for j in range(p):
+        group = layers[j::p]
+        states = [nnx.state(layer, nnx.Param) for layer in group]
+        nnx.update(group[0], jax.tree.map(lambda *w: jnp.stack(w), *states))
+        for _, var in nnx.iter_graph(group[0]):
+            if isinstance(var, nnx.Param):
+                var.set_metadata(logical_axes=("layers", *var.get_metadata()["logical_axes"]))
+        stacks.append(group[0])
+    return stacks
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda w: w[i], tree)
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_graphdef(cfg: ModelConfig, i: int):
+    """The module graph of layer i (its attention / MLP kind), to merge with a params slice."""
+    return nnx.split(nnx.eval_shape(lambda: DecoderLayer(cfg, i, nnx.Rngs(params=0))))[0]
+
+
+def run_layers(cfg: ModelConfig, stacks, x, positions, mask, cache=None, cache_index=None):
+    """The decoder layers over stacked params.
+
+    Args:
+      stacks: `params["layers"]` (pure dicts): param_period stacks, leaves [L / param_period, ...].
+      x: [B, T, D] embedded tokens; positions [B, T]; mask: the attention mask, passed to every
+        layer untouched; cache: `init_cache`'s layout or None; cache_index as `Attention`'s.
+    Returns:
+      (x [B, T, D], cache in the same layout or None, aux: one entry per layer, None for dense).
+
+    Layers run in blocks of p = cfg.scan_period (one of each kind in the repeating pattern);
+    with `scan_layers` a `jax.lax.scan` over the L / p blocks, so the program holds one block
+    whatever the depth. The cache is part of the scan carry, each block reading and writing its
+    own index, rather than a scanned input and output (which would hold two copies of it).
+    """
+    pp, pe, n = cfg.param_period, cfg.scan_period, cfg.num_layers
+    nb, per = n // pe, pe // pp  # blocks; entries of each param stack per block
+    blocks = [jax.tree.map(lambda w: w.reshape(nb, per, *w.shape[1:]), s) for s in stacks]
+    remat = cfg.remat != "none" and x.shape[1] > 1  # training passes, not decode steps
+
+    def layer_fn(q):
+        graphdef = _layer_graphdef(cfg, q)
+
+        def apply(params, x, positions, mask, c):
+            return nnx.merge(graphdef, params)(x, positions, mask, c, cache_index)
+
+        if remat:
+            policy = REMAT_POLICIES[cfg.remat]
+            return jax.checkpoint(apply, policy=policy, prevent_cse=not cfg.scan_layers)
+        return apply
+
+    fns = [layer_fn(q) for q in range(pe)]
+    at = lambda a: lambda s: jax.lax.dynamic_index_in_dim(s, a, 0, keepdims=False)  # noqa: E731
+
+    def block(x, cache, a, params):
+        cache = None if cache is None else list(cache)
+        auxs = []
+        for q in range(pe):
+            layer_params = _index(params[q % pp], q // pp)
+            c = None if cache is None else jax.tree.map(at(a), cache[q])
+            x, c, aux = fns[q](layer_params, x, positions, mask, c)
+            if cache is not None:
+                put = lambda s, v: jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), a, 0)
+                cache[q] = jax.tree.map(put, cache[q], c)
+            auxs.append(aux)
+        return x, cache, auxs
+
+    if cfg.scan_layers and nb > 1:
+
+        def body(carry, inputs):
+            x, cache, auxs = block(*carry, *inputs)
+            return (x, cache), auxs
+
+        (x, cache), auxs = jax.lax.scan(body, (x, cache), (jnp.arange(nb), blocks))
+        aux = [_index(auxs[i % pe], i // pe) for i in range(n)]
+    else:
+        aux = []
+        for a in range(nb):
+            x, cache, auxs = block(x, cache, a, _index(blocks, a))
+            aux += auxs
+    return x, cache, aux
+
+
 class Qwen3(nnx.Module):
-    """Decoder-only LM. `__call__` returns final-norm hidden states [B, T, D]."""
+    """Decoder-only LM. `__call__` returns final-norm hidden states [B, T, D].
+
+    Decoder layers are stored stacked (`params["layers"][j]`: layers j, j + p, ... for
+    p = cfg.param_period, leading axis "layers") and run by `run_layers`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = cfg.weight_dtype
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)]
+        self.layers = nnx.List(_stack_layers(layers, cfg.param_period))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -193,19 +299,11 @@ class Qwen3(nnx.Module):
         return_aux: bool = False,
     ):
         x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
-        new_cache, aux = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            if self.cfg.remat and tokens_BxT.shape[1] > 1:  # training passes, not decode steps
-                x, c, a = nnx.remat(lambda lyr, *args: lyr(*args, cache_index))(
-                    layer, x, positions_BxT, mask_BxTxS, layer_cache
-                )
-            else:
-                x, c, a = layer(x, positions_BxT, mask_BxTxS, layer_cache, cache_index)
-            new_cache.append(c)
-            aux.append(a)
+        stacks = [nnx.to_pure_dict(nnx.state(s, nnx.Param)) for s in self.layers]
+        x, out_cache, aux = run_layers(
+            self.cfg, stacks, x, positions_BxT, mask_BxTxS, cache, cache_index
+        )
         hidden = self.norm(x)
-        out_cache = None if cache is None else new_cache
         if return_aux:
             return hidden, out_cache, aux
         return hidden, out_cache
@@ -235,27 +333,54 @@ def positions_from_valid(valid_BxT):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[Cache]:
-    """An empty KV cache: per layer {"k", "v": [B, Hkv, S, Dh]} (hybrid layers: their own state).
+    """An empty KV cache, stacked like the scanned blocks: entry q (q < cfg.scan_period) holds
+    layers q, q + p, ... on a leading axis: {"k", "v": [L / p, B, Hkv, S, Dh]} (hybrid layers:
+    their own state, each leaf with the same leading axis). Rows are axis 1 (`CACHE_ROW_AXIS`).
 
     Head-major, so that a decode step's attention reads the cache as it lies: with the slot axis
     before the heads, XLA re-lays out every layer's whole cache on every step."""
     dtype = dtype or cfg.compute_dtype
+    nb = cfg.num_layers // cfg.scan_period
     caches = []
-    for i in range(cfg.num_layers):
-        if cfg.family == "qwen3_hybrid" and i in cfg.hybrid_layers:
+    for q in range(cfg.scan_period):
+        if cfg.is_hybrid_layer(q):
             from jaxtrace.models.hybrid import init_hybrid_cache  # noqa: PLC0415
 
-            caches.append(init_hybrid_cache(cfg, batch, dtype))
+            state = init_hybrid_cache(cfg, batch, dtype)
+            caches.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (nb, *x.shape)), state))
         else:
-            shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+            shape = (nb, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
             caches.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
     return caches
+
+
+CACHE_ROW_AXIS = 1  # every cache leaf is [layers, rows, ...]
+
+
+def is_kv(layer_cache) -> bool:
+    """An attention layer's {"k", "v"} (else a hybrid layer's HybridState)."""
+    return isinstance(layer_cache, dict)
+
+
+def take_cache_rows(cache: list[Cache], rows) -> list[Cache]:
+    """The cache of rows `rows` (an int array) of every layer."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=CACHE_ROW_AXIS), cache)
+
+
+def repeat_cache_rows(cache: list[Cache], repeats: int) -> list[Cache]:
+    """Every row repeated `repeats` times in place (row r -> rows r * repeats ...)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=CACHE_ROW_AXIS), cache)
+
+
+def pad_cache_slots(cache: list[Cache], length: int) -> list[Cache]:
+    """Attention caches padded with empty slots to `length` (hybrid states: unchanged)."""
+    pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, length - c.shape[3]), (0, 0)))  # noqa: E731
+    return [{n: pad(c) for n, c in lyr.items()} if is_kv(lyr) else lyr for lyr in cache]
 
 
 def grow_cache(cache: list[Cache], repeats: int, extra_slots: int) -> list[Cache]:
     """Each row of an attention cache repeated `repeats` times and `extra_slots` empty slots
     appended (a prompt's cache shared by the responses of its group)."""
-    pad = ((0, 0), (0, 0), (0, extra_slots), (0, 0))
-    return [
-        {n: jnp.pad(jnp.repeat(c, repeats, axis=0), pad) for n, c in lyr.items()} for lyr in cache
-    ]
+    pad = ((0, 0), (0, 0), (0, 0), (0, extra_slots), (0, 0))
+    cache = repeat_cache_rows(cache, repeats)
+    return [{n: jnp.pad(c, pad) for n, c in lyr.items()} if is_kv(lyr) else lyr for lyr in cache]
