@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtrace import evaluation, sharding, steps
+from jaxtrace import evaluation, microbatch, sharding, steps
 from jaxtrace.config import model_config
 from jaxtrace.models import abstract_model
 from jaxtrace.rollout import make_generate
@@ -241,7 +241,9 @@ def programs(config, mesh) -> list[Program]:
     state = abstract_state(model_cfg, optimizer, mesh)
     lam = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
     loss = phases.loss_config(config, algos.resolve(a))
-    rl_step = steps.make_rl_step(graphdef, optimizer, loss)
+    dp = sharding.data_parallel_size(mesh)
+    micro = microbatch.resolve_rows(config, "train", dp)  # train.micro_batch_rows
+    rl_step = steps.make_rl_step(graphdef, optimizer, loss, micro)
     g, k, m = r.prompts_per_step, r.group_size, a.num_minibatches
     multi = a.num_minibatches * a.ppo_epochs > 1  # old log-probs (and teacher) once per batch
     full = f"{g}x{k} rows, P={r.max_prompt_len} N={r.max_new_tokens}"
@@ -259,13 +261,13 @@ def programs(config, mesh) -> list[Program]:
         out.append(
             Program(
                 "sft_step",
-                steps.make_sft_step(graphdef, sft_opt),
+                steps.make_sft_step(graphdef, sft_opt, microbatch.resolve_rows(config, "sft", dp)),
                 (sft_state, sft_batch(config, mesh)),
                 f"{config.sft.batch_size} rows, Q={r.max_privileged_len} N={r.max_new_tokens}",
             )
         )
-    logprob_fn = steps.make_logprob_fn(graphdef, a.kl_implementation or None)
-    teacher_fn = steps.make_teacher_hidden_fn(graphdef)
+    logprob_fn = steps.make_logprob_fn(graphdef, a.kl_implementation or None, micro)
+    teacher_fn = steps.make_teacher_hidden_fn(graphdef, micro)
     if multi or reference:  # once per rollout batch: the behaviour's and the reference's
         args = (state["params"], rl_batch(config, mesh, False, m))
         out.append(Program("logprobs", logprob_fn, args, shape + " (old / reference)", reference))
@@ -286,7 +288,7 @@ def programs(config, mesh) -> list[Program]:
         name = "rl_step+teacher" if teacher else "rl_step"
         out.append(Program(name, rl_step, (state, batch, lam, teacher), what, reference))
     if a.name == "trace" and a.annotator == "divergence":
-        fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
+        fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None, micro)
         out.append(
             Program(
                 "divergence",
