@@ -250,6 +250,8 @@ def programs(config, mesh) -> list[Program]:
     shape = (
         full if m == 1 else f"{g // m}x{k} rows (1 of {m} mini-batches)" + full[full.index(",") :]
     )
+    if 0 < micro < g * k // m:
+        shape += f", micro-batches of {micro} rows"
     # The reference KL's frozen params stay in HBM beside every program of the RL step.
     reference = _per_device_bytes(state["params"]) if a.ref_kl_coef > 0 else 0
     out = []

@@ -12,7 +12,10 @@ shared); every leaf's leading axis is G or a multiple of it (one row per respons
 Micro-batch i takes the whole groups i, i + M, i + 2M, ... (interleaved, not contiguous): a batch
 split over D data-parallel devices (contiguous rows per device) then gives every micro-batch
 G / (M * D) groups of each device's shard, so the split is a local reshape and each micro-batch
-still runs on every device. `merge` puts per-row outputs back in the batch's order.
+still runs on every device. Under a mesh (`jax.set_mesh`, as the trainer and the AOT tool run)
+each micro-batch's rows are also constrained to the data-parallel axes, so a micro-batch too
+small for that locality is resharded (its token ids, cheaply) rather than left on a few devices.
+`merge` puts per-row outputs back in the batch's order.
 
 Sizes. `micro_batch_rows` counts response rows per micro-batch: 0 = the whole batch; otherwise
 it must divide the batch's rows and be a multiple of k (whole groups). `rows_for_budget` derives
@@ -26,6 +29,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxtrace import sharding
+from pallas_kernels._mesh import context_mesh
 
 log = logging.getLogger("jaxtrace")
 
@@ -56,6 +63,19 @@ def _check_rows(batch, groups: int, m: int):
         raise ValueError(f"{m} micro-batches do not split {groups} groups evenly")
 
 
+def _data_axes(rows: int):
+    """The context mesh's data-parallel axes (`sharding.DEFAULT_RULES`' "batch") when they
+    divide `rows`, else None (no mesh, one device, or rows that do not split evenly)."""
+    mesh = context_mesh()
+    if mesh is None:
+        return None
+    target = dict(sharding.DEFAULT_RULES)["batch"]
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    return axes if axes and rows % size == 0 else None
+
+
 def split(batch, m: int):
     """{key: [n, ...]} -> {key: [M, n / M, ...]}: micro-batch i holds groups i, i + M, ...
     (G = batch["prompt"] rows; each leaf has a multiple of G rows, grouped contiguously)."""
@@ -65,7 +85,11 @@ def split(batch, m: int):
     def one(x):
         per_group = x.shape[0] // groups
         x = x.reshape(groups // m, m, per_group, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1).reshape(m, (groups // m) * per_group, *x.shape[3:])
+        x = jnp.swapaxes(x, 0, 1).reshape(m, (groups // m) * per_group, *x.shape[3:])
+        axes = _data_axes(x.shape[1])
+        if axes is not None:
+            x = jax.lax.with_sharding_constraint(x, PartitionSpec(None, axes))
+        return x
 
     return {name: one(x) for name, x in batch.items()}
 

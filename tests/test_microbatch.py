@@ -287,3 +287,35 @@ def test_train_cli_with_micro_batches(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert os.path.exists(tmp_path / "run" / "results.json")
+
+
+def test_rows_for_budget():
+    """The largest whole-group divisor of the rows that fits the per-device budget."""
+    fit = microbatch.rows_for_budget
+    assert fit(64, 8, 100, budget_bytes=1e9) == 64  # everything fits
+    assert fit(64, 8, 100, budget_bytes=2500) == 16  # 16 rows = 1600 B fit, 32 (3200 B) do not
+    assert fit(64, 8, 100, budget_bytes=2500, dp=4) == 64  # 16 rows per device
+    assert fit(64, 8, 100, budget_bytes=10) == 8  # nothing fits: one group
+    assert fit(48, 8, 100, budget_bytes=2000, dp=16) == 48  # multiple of lcm(8, 16) dividing 48
+    assert fit(24, 1, 100, budget_bytes=1000) == 8  # divisors of 24 only (not 10)
+
+
+def test_aot_compiles_micro_batched_step_on_a_mesh():
+    """`jaxtrace.aot.programs` builds the micro-batched RL step the config names (here derived
+    from a budget) and it compiles for 8 devices (rows split over the data axis)."""
+    from jaxtrace import aot, sharding
+    from jaxtrace.config import base, model_config
+
+    c = base()
+    c.algo.name = "grpo"
+    c.model.num_layers = 1
+    c.rollout.update(prompts_per_step=8, group_size=4, max_new_tokens=8)
+    per_row = microbatch.activation_bytes_per_row(model_config(c), 88, 8)
+    c.train.micro_batch_rows = -1
+    c.train.activation_budget_gib = 1.5 * per_row / 2**30  # 1 row per device fits, 2 do not
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:8])
+    assert microbatch.resolve_rows(c, "train", dp=8) == 8
+    progs = {p.name: p for p in aot.programs(aot.with_placeholders(c), mesh)}
+    assert "micro-batches of 8 rows" in progs["rl_step"].what
+    result = aot.compile_program(progs["rl_step"], mesh)
+    assert result.status == "ok", result.message
