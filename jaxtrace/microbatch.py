@@ -142,23 +142,27 @@ def activation_bytes_per_row(model_cfg, prompt_len: int, response_len: int) -> i
     step's memory that micro-batching divides; params, gradients and optimizer state are not in
     it). With T = prompt_len + response_len tokens, b = bytes of the compute dtype:
 
-      one layer's internals  T * (4D + (2H + 2Hkv) * hd + 3F) * b   (norms / residuals, q, k, v,
-                             attention output, MLP gate / up / activation; F = K * moe width for
-                             MoE layers) + 2 * H * T^2 * 4 (the dense attention's float32 scores
-                             and probabilities; drop it under a flash-style attention)
-      remat:    L * T * 2D * b (each layer's saved input) + 2 * one layer (its recompute and
-                its gradients, one layer at a time)
-      no remat: (L + 1) * one layer (every layer's internals kept for the backward pass)
-      + response_len * V * 4 * 2 (the float32 logits and their gradient; the chunked Pallas
-        log-prob kernels need less).
+      one layer   T * (4D + (2H + 2Hkv) * hd + 3F) * b   (norms / residuals, q, k, v, attention
+                  output, MLP gate / up / activation; F = K * moe width for MoE layers)
+                  + 2 * H * T^2 * 4   (the dense attention's float32 scores and probabilities;
+                  drop it under a flash-style attention)
+      remat:      L * T * 2D * b (each layer's saved input) + 2 * one layer (the layer being
+                  recomputed and its gradients, one layer at a time)
+      no remat:   (L + 1) * one layer (every layer's internals kept for the backward pass)
 
-    A prompt shared by a group of k responses counts once per response (an overestimate by
-    P * (k - 1) / k tokens per row), the teacher's forward-only pass is not counted (it keeps
-    one layer at a time, less than the student's backward). Calibration: the ratio of this
-    estimate to XLA's own count (the step's temporaries, at micro-batch sizes that differ by
-    rows) is printed by `benchmarks/microbatch_memory.py`; on the 2-core CPU host it was within
-    the range that script reports (see its docstring), and the TPU figure is to be checked
-    against the AOT tool's memory analysis (`python -m jaxtrace.compile`).
+    Not counted: the log-prob / KL ops' logits (`pallas_kernels.span_kl` works in token x vocab
+    chunks, a size that does not grow with rows); the teacher's forward-only pass (one layer at
+    a time); a prompt shared by k responses counts once per response (P (k - 1) / k tokens of
+    overestimate per row).
+
+    Calibration (`benchmarks/microbatch_memory.py`: the slope of XLA's temporaries between
+    micro-batches of 8 and 16 rows, 4 layers d=256 H=4, P=64, CPU host): estimate / measured =
+    0.92 at N=192 and 0.84 at N=512 without remat; 0.46 with remat, where the CPU compiler keeps
+    about as much as without it (30.7 vs 32.5 MiB per row), so the remat branch is not
+    calibrated there. Against the TPU figures in issue 15 (Qwen3-1.7B, remat, P=512 N=2048,
+    v5p-8: 192.5 GiB of temporaries per chip at 512 rows, ~61 GiB at 64) the estimate, 2.42 GiB
+    per row, is about 2x their slope (~1.2 GiB per row), i.e. on the safe side; check a chosen
+    size with the AOT tool (`python -m jaxtrace.compile`).
     """
     c = model_cfg
     b = jnp.dtype(c.compute_dtype).itemsize
@@ -166,15 +170,11 @@ def activation_bytes_per_row(model_cfg, prompt_len: int, response_len: int) -> i
     width = c.intermediate_size
     if c.family == "qwen3_moe":
         width = max(width, c.num_experts_per_tok * c.moe_intermediate_size)
-    layer = t * (
-        4 * c.hidden_size + (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * width
-    )
-    layer = layer * b + 2 * c.num_heads * t * t * 4
+    qkvo = (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    layer = t * (4 * c.hidden_size + qkvo + 3 * width) * b + 2 * c.num_heads * t * t * 4
     if c.remat:
-        acts = c.num_layers * t * 2 * c.hidden_size * b + 2 * layer
-    else:
-        acts = (c.num_layers + 1) * layer
-    return int(acts + response_len * c.vocab_size * 4 * 2)
+        return int(c.num_layers * t * 2 * c.hidden_size * b + 2 * layer)
+    return int((c.num_layers + 1) * layer)
 
 
 def rows_for_budget(rows: int, group: int, bytes_per_row: int, budget_bytes: float, dp: int = 1):
@@ -201,9 +201,10 @@ def resolve_rows(config, which: str = "train", dp: int = 1) -> int:
     r = config.rollout
     if which == "train":
         rows, group = r.prompts_per_step * r.group_size // config.algo.num_minibatches, r.group_size
-        prompt_len = max(r.max_prompt_len, r.max_privileged_len)
+        prompt_len = r.max_prompt_len  # the student's (the teacher's pass keeps no activations)
     else:
-        rows, group, prompt_len = config.sft.batch_size, 1, r.max_privileged_len
+        rows, group = config.sft.batch_size, 1
+        prompt_len = max(r.max_prompt_len, r.max_privileged_len)  # SFT uses both prompts
     per_row = activation_bytes_per_row(model_config(config), prompt_len, r.max_new_tokens)
     budget = config.train.activation_budget_gib * 2**30
     chosen = rows_for_budget(rows, group, per_row, budget, dp)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrace import microbatch, models, steps
+from jaxtrace import microbatch, models, sharding, steps
 from jaxtrace.losses import trace as trace_lib
 from tests.test_moe_model_sharding import _cfg as moe_config
 from tests.test_sharding import CFG as DENSE
@@ -90,15 +90,20 @@ def _close(got, want, tol, what):
         assert err <= tol * scale, f"{what}{jax.tree_util.keystr(path)}: {err} vs scale {scale}"
 
 
-def _rl_run(cfg, loss_cfg, batch, micro_batch_rows, use_teacher, lam=0.5):
+def _rl_run(cfg, loss_cfg, batch, micro_batch_rows, use_teacher, lam=0.5, mesh=None):
     """(metrics, update = old params - new params) of one SGD(lr=1) RL step: the update is
-    minus the gradient, so it compares the gradients and the optimizer update at once."""
+    minus the gradient, so it compares the gradients and the optimizer update at once. With
+    `mesh`: state replicated, batch rows split over it, run under `jax.set_mesh`."""
     graphdef, params = models.create(cfg, 0)
     before = jax.tree.map(np.asarray, params)
     opt = optax.sgd(1.0)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0)}
     step = steps.make_rl_step(graphdef, opt, loss_cfg, micro_batch_rows)
-    state, metrics = step(state, batch, jnp.float32(lam), use_teacher)
+    if mesh is not None:
+        state = jax.device_put(state, sharding.replicated(mesh))
+        batch = sharding.shard_step_batch(batch, mesh)
+    with sharding.mesh_context(mesh):
+        state, metrics = step(state, batch, jnp.float32(lam), use_teacher)
     update = jax.tree.map(lambda a, b: a - np.asarray(b), before, state["params"])
     return jax.device_get(metrics), update
 
@@ -129,6 +134,22 @@ def test_grpo_step_equals_full_batch(norm, sizes):
     loss_cfg = steps.LossConfig(mode="grpo", norm=norm, max_len=N + 3, ref_kl_coef=0.1)
     m = _assert_micro_equals_full(DENSE, loss_cfg, batch, False, sizes=sizes)
     assert 0 < float(m["clip_frac"]) < 1 and float(m["ref_kl"]) > 0  # the metrics are not trivial
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (tests/conftest.py)")
+def test_step_on_a_mesh_equals_full_batch():
+    """Rows split over 4 data-parallel devices: micro-batches of 4 rows (constrained to the data
+    axis) and of 2 rows (too few to split: left to XLA) equal the unsharded full-batch step."""
+    graphdef, params = _dense_graphdef()
+    batch = _off_policy(graphdef, params, _batch(DENSE.vocab_size))
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:4])
+    loss_cfg = steps.LossConfig(mode="grpo", norm="sequence")
+    want_m, want_u = _rl_run(DENSE, loss_cfg, batch, 0, False)
+    for rows in (4, 2):
+        got_m, got_u = _rl_run(DENSE, loss_cfg, batch, rows, False, mesh=mesh)
+        for key in ("loss", "grad_norm", "clip_frac", "entropy"):
+            np.testing.assert_allclose(float(got_m[key]), float(want_m[key]), rtol=2e-5)
+        _close(got_u, want_u, 1e-4, f"mesh update ({rows} rows) ")
 
 
 def test_grpo_step_unshared_prompts_equals_full_batch():
@@ -286,7 +307,8 @@ def test_train_cli_with_micro_batches(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert os.path.exists(tmp_path / "run" / "results.json")
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"train/loss"' in records and '"sft/loss"' in records
 
 
 def test_rows_for_budget():
@@ -310,7 +332,7 @@ def test_aot_compiles_micro_batched_step_on_a_mesh():
     c.algo.name = "grpo"
     c.model.num_layers = 1
     c.rollout.update(prompts_per_step=8, group_size=4, max_new_tokens=8)
-    per_row = microbatch.activation_bytes_per_row(model_config(c), 88, 8)
+    per_row = microbatch.activation_bytes_per_row(model_config(c), 40, 8)  # P + N
     c.train.micro_batch_rows = -1
     c.train.activation_budget_gib = 1.5 * per_row / 2**30  # 1 row per device fits, 2 do not
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:8])
