@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtrace import evaluation, flops, sharding, steps
+from jaxtrace import evaluation, flops, microbatch, sharding, steps
 from jaxtrace.config import model_config
 from jaxtrace.models import abstract_model
 from jaxtrace.rollout import layout, make_generate
@@ -262,13 +262,17 @@ def programs(config, mesh) -> list[Program]:
     state = abstract_state(model_cfg, optimizer, mesh)
     lam = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
     loss = phases.loss_config(config, algos.resolve(a))
-    rl_step = steps.make_rl_step(graphdef, optimizer, loss)
+    dp = sharding.data_parallel_size(mesh)
+    micro = microbatch.resolve_rows(config, "train", dp)  # train.micro_batch_rows
+    rl_step = steps.make_rl_step(graphdef, optimizer, loss, micro)
     g, k, m = r.prompts_per_step, r.group_size, a.num_minibatches
     multi = a.num_minibatches * a.ppo_epochs > 1  # old log-probs (and teacher) once per batch
     full = f"{g}x{k} rows, P={r.max_prompt_len} N={r.max_new_tokens}"
     shape = (
         full if m == 1 else f"{g // m}x{k} rows (1 of {m} mini-batches)" + full[full.index(",") :]
     )
+    if 0 < micro < g * k // m:
+        shape += f", micro-batches of {micro} rows"
     # The reference KL's frozen params stay in HBM beside every program of the RL step.
     reference = _per_device_bytes(state["params"]) if a.ref_kl_coef > 0 else 0
     # Model FLOPs per device of a program on `batch` (`jaxtrace.flops`), for the MFU estimate.
@@ -283,14 +287,14 @@ def programs(config, mesh) -> list[Program]:
         out.append(
             Program(
                 "sft_step",
-                steps.make_sft_step(graphdef, sft_opt),
+                steps.make_sft_step(graphdef, sft_opt, microbatch.resolve_rows(config, "sft", dp)),
                 (sft_state, batch),
                 f"{config.sft.batch_size} rows, Q={r.max_privileged_len} N={r.max_new_tokens}",
                 model_flops=per_device(flops.sft_step_flops, batch),
             )
         )
-    logprob_fn = steps.make_logprob_fn(graphdef, a.kl_implementation or None)
-    teacher_fn = steps.make_teacher_hidden_fn(graphdef)
+    logprob_fn = steps.make_logprob_fn(graphdef, a.kl_implementation or None, micro)
+    teacher_fn = steps.make_teacher_hidden_fn(graphdef, micro)
     if multi or reference:  # once per rollout batch: the behaviour's and the reference's
         args = (state["params"], rl_batch(config, mesh, False, m))
         count = per_device(flops.logprob_flops, args[1])
@@ -314,7 +318,7 @@ def programs(config, mesh) -> list[Program]:
         count = per_device(flops.rl_step_flops, batch)
         out.append(Program(name, rl_step, (state, batch, lam, teacher), what, reference, count))
     if a.name == "trace" and a.annotator == "divergence":
-        fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None)
+        fn = steps.make_divergence_fn(graphdef, a.kl_implementation or None, micro)
         out.append(
             Program(
                 "divergence",

@@ -125,6 +125,7 @@ def base() -> ml_collections.ConfigDict:
             lr=2e-3,
             warmup_steps=20,
             privileged_fraction=0.5,
+            micro_batch_rows=0,  # as train.micro_batch_rows, of sft.batch_size (rows divide it)
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -136,6 +137,14 @@ def base() -> ml_collections.ConfigDict:
             keep_ckpts=2,
             max_consecutive_nonfinite=3,
             progress=True,
+            # Micro-batches (jaxtrace.microbatch): each update's batch runs as micro-batches of
+            # this many response rows (whole groups: a multiple of rollout.group_size dividing
+            # prompts_per_step * group_size / algo.num_minibatches), gradients summed in fp32,
+            # one optimizer update, equal to the full-batch step; also the log-prob, teacher and
+            # divergence passes. 0 = the whole batch; -1 = the largest that fits
+            # activation_budget_gib per device (microbatch.activation_bytes_per_row's estimate).
+            micro_batch_rows=0,
+            activation_budget_gib=0.0,  # with micro_batch_rows=-1 (and sft's): GiB per device
         )
     )
     c.eval = ml_collections.ConfigDict(dict(num_samples=1, temperature=0.0, batch_size=128))
@@ -198,12 +207,15 @@ BOUNDS = {
     "sft.lr": (0, math.inf, False),
     "sft.warmup_steps": (0, math.inf, True),
     "sft.privileged_fraction": (0, 1, True),
+    "sft.micro_batch_rows": (-1, math.inf, True),
     "train.steps": (0, math.inf, True),
     "train.log_every": (1, math.inf, True),
     "train.eval_every": (0, math.inf, True),
     "train.ckpt_every": (1, math.inf, True),
     "train.keep_ckpts": (1, math.inf, True),  # 0 would let retention delete every checkpoint
     "train.max_consecutive_nonfinite": (1, math.inf, True),
+    "train.micro_batch_rows": (-1, math.inf, True),  # -1 = from train.activation_budget_gib
+    "train.activation_budget_gib": (0, math.inf, True),
     "eval.num_samples": (1, math.inf, True),
     "eval.temperature": (0, math.inf, True),  # 0 = greedy
     "eval.batch_size": (1, math.inf, True),
@@ -349,6 +361,7 @@ def _validate_algo(c, need) -> None:
         f"algo.num_minibatches={a.num_minibatches} must divide rollout.prompts_per_step="
         f"{c.rollout.prompts_per_step}: a mini-batch takes whole groups",
     )
+    _validate_micro_batches(c, need)
     need(
         a.clip_ratio_c == 0 or a.clip_ratio_c > 1,
         f"algo.clip_ratio_c={a.clip_ratio_c}: 0 (off) or > 1",
@@ -370,6 +383,37 @@ def _validate_algo(c, need) -> None:
         f"algo.ref_kl_coef={a.ref_kl_coef} acts on GRPO tokens and algo.name=opsd has none "
         "(use opsd+grpo, or ref_kl_coef=0)",
     )
+
+
+def _validate_micro_batches(c, need) -> None:
+    """train.micro_batch_rows splits an update's rows into whole groups; sft's the SFT batch."""
+    r = c.rollout
+    update_rows = r.prompts_per_step * r.group_size // c.algo.num_minibatches
+    for key, rows, group, what in (
+        (
+            "train.micro_batch_rows",
+            update_rows,
+            r.group_size,
+            "an update's rows (rollout.prompts_per_step * rollout.group_size / "
+            f"algo.num_minibatches = {update_rows})",
+        ),
+        ("sft.micro_batch_rows", c.sft.batch_size, 1, f"sft.batch_size={c.sft.batch_size}"),
+    ):
+        v = _get(c, key)
+        need(isinstance(v, int) and not isinstance(v, bool), f"{key}={v!r} must be an integer")
+        if v == -1:
+            need(
+                c.train.activation_budget_gib > 0,
+                f"{key}=-1 derives the micro-batch from train.activation_budget_gib, which is "
+                f"{c.train.activation_budget_gib}: set it (GiB per device) or give the rows",
+            )
+        elif v > 0:
+            need(rows % v == 0, f"{key}={v} must divide {what}")
+            need(
+                v % group == 0,
+                f"{key}={v} must be a multiple of rollout.group_size={group}: a micro-batch "
+                "takes whole groups (the group's responses share one prompt row)",
+            )
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:

@@ -74,16 +74,28 @@ class RLPhases:
     annotate + build batch -> update(s) (PPO mini-batches over the rollout batch)."""
 
     def __init__(
-        self, config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step
+        self,
+        config,
+        algo,
+        graphdef,
+        train,
+        encoder,
+        generate,
+        verifier,
+        annotator,
+        mesh,
+        rl_step,
+        micro_batch_rows=0,
     ):
         self.config, self.algo, self.train, self.encoder = config, algo, train, encoder
         self.tokenizer = encoder.tok
         self.generate, self.verifier, self.annotator = generate, verifier, annotator
         self.mesh, self.rl_step = mesh, rl_step
         impl = config.algo.kl_implementation or None
-        self.divergence = steps.make_divergence_fn(graphdef, impl)
-        self.logprob_fn = steps.make_logprob_fn(graphdef, impl)
-        self.teacher_fn = steps.make_teacher_hidden_fn(graphdef)
+        micro = micro_batch_rows  # train.micro_batch_rows, resolved (`microbatch.resolve_rows`)
+        self.divergence = steps.make_divergence_fn(graphdef, impl, micro)
+        self.logprob_fn = steps.make_logprob_fn(graphdef, impl, micro)
+        self.teacher_fn = steps.make_teacher_hidden_fn(graphdef, micro)
 
     def rollout(self, params, indices, rng):
         """Samples group_size responses for each example of `indices` (numpy rollout dict)."""

@@ -14,6 +14,12 @@ Optional RL keys, computed once per rollout batch before its updates (`make_logp
 step is on-policy, old = stop_gradient(current)), ref_logp [R, N] (the frozen reference's, for
 the reference KL), teacher_hidden [R, N, D] (the privileged teacher's hidden states; without it
 the teacher pass runs inside the step).
+
+Micro-batches: every `make_*` takes `micro_batch_rows` (0 = the whole batch): the step then runs
+its batch as micro-batches of that many response rows (whole groups) under one `jax.lax.scan`
+and makes one update from the fp32 gradient sums, equal to the full-batch step
+(`jaxtrace.microbatch`). Whole-batch denominators (token / sequence / constant norms, metric
+means, MoE load counts) are computed from the whole batch before the scan.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtrace import microbatch
 from jaxtrace.losses import trace as trace_lib
+from jaxtrace.losses._reduce import masked_mean
 from jaxtrace.models import causal_mask, grow_cache, init_cache, positions_from_valid
-from jaxtrace.models.moe import router_aux_loss
+from jaxtrace.models.moe import router_loss_from_stats, router_metrics_from_stats, router_stats
 from pallas_kernels import span_kl as span_kl_op
 
 
@@ -135,12 +143,54 @@ def _join_aux(a, b):
 def student_hidden(model, batch):
     """`response_hidden` of the student, plus the MoE router load-balancing term
     (`router_aux_loss_coef` * loss, 0 for dense models) and its `moe/*` metrics."""
+    h, moe_loss, stats = _student_pass(model, batch)
+    return h, moe_loss, {} if stats is None else router_metrics_from_stats(model.cfg, stats)
+
+
+def _student_pass(model, batch, router_totals=None):
+    """(hidden [R, N, D], `router_aux_loss_coef` * balancing loss, `router_stats` or None).
+
+    `router_totals` ({"counts_LxE", "tokens"} of the whole batch, `_router_totals`) when `batch`
+    is a micro-batch: the loss is then this micro-batch's share of the whole batch's (f_i from
+    the whole batch's counts, stop-gradient as in Switch; p_i's sum from this micro-batch)."""
     args = (batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"])
     if model.cfg.family != "qwen3_moe":
-        return response_hidden(model, *args), jnp.float32(0.0), {}
+        return response_hidden(model, *args), jnp.float32(0.0), None
     h, aux, valid = response_hidden(model, *args, return_aux=True)
-    lbl, metrics = router_aux_loss(model.cfg, aux, valid)
-    return h, model.cfg.router_aux_loss_coef * lbl, metrics
+    stats = router_stats(aux, valid)
+    if stats is None:
+        return h, jnp.float32(0.0), None
+    lbl = router_loss_from_stats(model.cfg, {**stats, **(router_totals or {})})
+    return h, model.cfg.router_aux_loss_coef * lbl, stats
+
+
+def _uses_router_loss(model_cfg) -> bool:
+    return model_cfg.family == "qwen3_moe" and model_cfg.router_aux_loss_coef > 0
+
+
+def _router_totals(graphdef, params, micro_batches):
+    """The whole batch's MoE router counts {"counts_LxE", "tokens"}: a forward-only pre-pass of
+    the student over the micro-batches ([M, ...] leaves), no gradient and nothing kept for a
+    backward pass. A micro-batch's balancing loss needs them (f_i is over the whole batch), so a
+    micro-batched MoE step with `router_aux_loss_coef` > 0 runs the student's decoder one extra
+    time forward: about +1/3 of the student pass's FLOPs (+1/4 with remat), no extra memory
+    beyond one micro-batch's forward."""
+    params = jax.lax.stop_gradient(params)
+
+    def one(mb):
+        _, _, stats = _student_pass(nnx.merge(graphdef, params), mb)
+        return {"counts_LxE": stats["counts_LxE"], "tokens": stats["tokens"]}
+
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.lax.map(one, micro_batches))
+
+
+def _router_sums(stats):
+    """The summable part of `router_stats` (no static layer list), gradient-free."""
+    return {k: jax.lax.stop_gradient(v) for k, v in stats.items() if k != "layers"}
+
+
+def _moe_layers(model_cfg):
+    return tuple(i for i in range(model_cfg.num_layers) if model_cfg.is_moe_layer(i))
 
 
 def _token_logprobs(model, h_RxNxD, response, impl):
@@ -152,11 +202,6 @@ def _token_logprobs(model, h_RxNxD, response, impl):
         implementation=impl,
     )
     return logp.reshape(r, n), jax.lax.stop_gradient(entropy).reshape(r, n)
-
-
-def _masked_mean(x, mask):
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _apply_if_finite(optimizer, state, grads, loss, advance=1):
@@ -175,17 +220,37 @@ def _apply_if_finite(optimizer, state, grads, loss, advance=1):
     return new_state, finite
 
 
-def sft_loss(graphdef, params, batch):
+def sft_loss(graphdef, params, batch, tokens=None, router_totals=None):
+    """Mean cross-entropy of the response tokens (+ the MoE balancing term). `tokens` and
+    `router_totals`: the whole batch's when `batch` is a micro-batch (its share of the loss)."""
     model = nnx.merge(graphdef, params)
-    h, moe_loss, _ = student_hidden(model, batch)
+    h, moe_loss, _ = _student_pass(model, batch, router_totals)
     logp, _ = _token_logprobs(model, h, batch["response"], None)
-    return -_masked_mean(logp, batch["response_mask"]) + moe_loss
+    return -masked_mean(logp, batch["response_mask"], tokens) + moe_loss
 
 
-def make_sft_step(graphdef, optimizer):
+def _cast_like(grads, params):
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+def make_sft_step(graphdef, optimizer, micro_batch_rows: int = 0):
+    """`step(state, batch) -> (state, metrics)`; `micro_batch_rows` as the module says
+    (`sft.micro_batch_rows`)."""
+
     @jax.jit
     def step(state, batch):
-        loss, grads = jax.value_and_grad(lambda p: sft_loss(graphdef, p, batch))(state["params"])
+        params = state["params"]
+        m = microbatch.count(batch, micro_batch_rows, "sft.micro_batch_rows")
+        if m == 1:
+            loss, grads = jax.value_and_grad(lambda p: sft_loss(graphdef, p, batch))(params)
+        else:
+            mbs = microbatch.split(batch, m)
+            tokens = jnp.sum(batch["response_mask"].astype(jnp.float32))
+            model_cfg = nnx.merge(graphdef, params).cfg
+            router = _router_totals(graphdef, params, mbs) if _uses_router_loss(model_cfg) else None
+            loss_fn = lambda p, mb: (sft_loss(graphdef, p, mb, tokens, router), ({}, {}))  # noqa: E731
+            loss, _, _, grads = microbatch.accumulate(loss_fn, params, mbs)
+            grads = _cast_like(grads, params)
         state, finite = _apply_if_finite(optimizer, state, grads, loss)
         return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
 
@@ -229,9 +294,31 @@ def teacher_kl(graphdef, model, params, batch, h_student, route_kl, impl):
     return kl.reshape(r, n)
 
 
+def rl_totals(batch, lam, cfg: LossConfig):
+    """The whole batch's denominators of `rl_loss` (for each of its micro-batches)."""
+    return {
+        "trace": trace_lib.trace_totals(
+            batch["route"], lam, mode=cfg.mode, opsd_route=cfg.opsd_route
+        ),
+        "response_mask": jnp.sum(batch["response_mask"].astype(jnp.float32)),
+    }
+
+
 def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
+    """(loss, metrics) of one RL update on `batch` (see `trace_lib.trace_loss`)."""
+    loss, metrics, stats = _rl_loss(graphdef, params, batch, lam, cfg, use_teacher)
+    if stats is not None:
+        metrics.update(router_metrics_from_stats(nnx.merge(graphdef, params).cfg, stats))
+    return loss, metrics
+
+
+def _rl_loss(graphdef, params, batch, lam, cfg, use_teacher, totals=None, router_totals=None):
+    """(loss, metrics without moe/*, `router_stats` or None); `totals` (`rl_totals`) and
+    `router_totals` (`_router_totals`) of the whole batch when `batch` is a micro-batch: the
+    loss and every metric but `lambda` are then its share, summing to the whole batch's."""
+    totals = rl_totals(batch, lam, cfg) if totals is None else totals
     model = nnx.merge(graphdef, params)
-    h, moe_loss, moe_metrics = student_hidden(model, batch)
+    h, moe_loss, moe_stats = _student_pass(model, batch, router_totals)
     logp, entropy = _token_logprobs(model, h, batch["response"], cfg.kl_implementation)
     route = trace_lib.routes_for_mode(batch["route"], cfg.mode, opsd_route=cfg.opsd_route)
     if use_teacher:
@@ -260,23 +347,51 @@ def rl_loss(graphdef, params, batch, lam, cfg: LossConfig, use_teacher: bool):
         max_len=cfg.max_len,
         mode=cfg.mode,
         opsd_route=cfg.opsd_route,
+        totals=totals["trace"],
     )
-    metrics["entropy"] = _masked_mean(entropy, batch["response_mask"])
-    metrics.update(moe_metrics)
-    return loss + moe_loss, metrics
+    metrics["entropy"] = masked_mean(entropy, batch["response_mask"], totals["response_mask"])
+    return loss + moe_loss, metrics, moe_stats
 
 
-def make_rl_step(graphdef, optimizer, cfg: LossConfig):
+def _rl_grads_micro(graphdef, params, batch, lam, cfg, use_teacher, m):
+    """(loss, metrics, fp32-summed grads cast to the params' dtypes) of `rl_loss` on `batch`
+    run as `m` micro-batches."""
+    model_cfg = nnx.merge(graphdef, params).cfg
+    totals = rl_totals(batch, lam, cfg)
+    mbs = microbatch.split(batch, m)
+    router = _router_totals(graphdef, params, mbs) if _uses_router_loss(model_cfg) else None
+
+    def loss_fn(p, mb):
+        loss, metrics, stats = _rl_loss(graphdef, p, mb, lam, cfg, use_teacher, totals, router)
+        last = {"lambda": metrics.pop("lambda")}
+        return loss, ((metrics, None if stats is None else _router_sums(stats)), last)
+
+    loss, (metrics, stats), last, grads = microbatch.accumulate(loss_fn, params, mbs)
+    metrics.update(last)
+    if stats is not None:  # loads and the balancing loss's value from the whole batch's sums
+        stats = {**stats, "layers": _moe_layers(model_cfg)}
+        metrics.update(router_metrics_from_stats(model_cfg, stats))
+    return loss, metrics, _cast_like(grads, params)
+
+
+def make_rl_step(graphdef, optimizer, cfg: LossConfig, micro_batch_rows: int = 0):
     """`step(state, batch, lam, use_teacher, advance=1) -> (state, metrics)`: one optimizer
     update on `batch` (a rollout batch, or a mini-batch of one). `state["step"]` counts rollout
     batches, so it moves by `advance` (traced: 1 on a batch's last update, 0 on the others).
+    `micro_batch_rows` (`train.micro_batch_rows`): see the module docstring.
     Compiles at most twice (with / without teacher)."""
 
     def step(state, batch, lam, use_teacher, advance=1):
-        grad_fn = jax.value_and_grad(
-            lambda p: rl_loss(graphdef, p, batch, lam, cfg, use_teacher), has_aux=True
-        )
-        (loss, metrics), grads = grad_fn(state["params"])
+        m = microbatch.count(batch, micro_batch_rows, "train.micro_batch_rows")
+        if m == 1:
+            grad_fn = jax.value_and_grad(
+                lambda p: rl_loss(graphdef, p, batch, lam, cfg, use_teacher), has_aux=True
+            )
+            (loss, metrics), grads = grad_fn(state["params"])
+        else:
+            loss, metrics, grads = _rl_grads_micro(
+                graphdef, state["params"], batch, lam, cfg, use_teacher, m
+            )
         state, finite = _apply_if_finite(optimizer, state, grads, loss, advance)
         metrics.update(grad_norm=optax.global_norm(grads), finite=finite)
         return state, metrics
@@ -284,32 +399,42 @@ def make_rl_step(graphdef, optimizer, cfg: LossConfig):
     return jax.jit(step, static_argnums=3, donate_argnums=0)
 
 
-def make_logprob_fn(graphdef, impl=None):
+def _micro_batched(fn, micro_batch_rows):
+    """jit of `fn(params, batch) -> [R, ...]` run over micro-batches of `micro_batch_rows` rows
+    (`train.micro_batch_rows`; forward only, one micro-batch's activations live at a time)."""
+
+    @jax.jit
+    def run(params, batch):
+        m = microbatch.count(batch, micro_batch_rows, "train.micro_batch_rows")
+        return microbatch.forward(functools.partial(fn, params), batch, m)
+
+    return run
+
+
+def make_logprob_fn(graphdef, impl=None, micro_batch_rows: int = 0):
     """`fn(params, batch) -> logp [R, N]`: log-probs of the response tokens under `params`
     (0 on padding). The behaviour policy's before a rollout batch's updates (old_logp), or the
     frozen reference's (ref_logp); no gradient, so nothing is kept for a backward pass."""
 
-    @jax.jit
     def fn(params, batch):
         model = nnx.merge(graphdef, params)
         args = (batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"])
         logp, _ = _token_logprobs(model, response_hidden(model, *args), batch["response"], impl)
         return jnp.where(batch["response_mask"], logp, 0.0)
 
-    return fn
+    return _micro_batched(fn, micro_batch_rows)
 
 
-def make_teacher_hidden_fn(graphdef):
+def make_teacher_hidden_fn(graphdef, micro_batch_rows: int = 0):
     """`fn(params, batch) -> teacher_hidden [R, N, D]` (see `teacher_hidden`), once per rollout
     batch, so its mini-batch updates reuse one teacher pass."""
-    return jax.jit(functools.partial(teacher_hidden, graphdef))
+    return _micro_batched(functools.partial(teacher_hidden, graphdef), micro_batch_rows)
 
 
-def make_divergence_fn(graphdef, impl=None):
+def make_divergence_fn(graphdef, impl=None, micro_batch_rows: int = 0):
     """`fn(params, batch) -> kl [R, N]`: forward KL(teacher || student) on every response token,
     for the automatic (divergence) annotator."""
 
-    @jax.jit
     def fn(params, batch):
         model = nnx.merge(graphdef, params)
         h = response_hidden(
@@ -318,4 +443,4 @@ def make_divergence_fn(graphdef, impl=None):
         route = batch["response_mask"].astype(jnp.int32)  # 1 = FKL on every response token
         return teacher_kl(graphdef, model, params, batch, h, route, impl)
 
-    return fn
+    return _micro_batched(fn, micro_batch_rows)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrace import algos, checkpoint, evaluation, metrics, paths, rl, sharding, steps
+from jaxtrace import algos, checkpoint, evaluation, metrics, microbatch, paths, rl, sharding, steps
 from jaxtrace.config import model_config, validate
 from jaxtrace.data import tasks
 from jaxtrace.data import tokenizer as tok_lib
@@ -107,6 +107,13 @@ def check_inputs(config, model_cfg, tokenizer, encoder, train, test):
             f"rollout mini-batch prompts_per_step*group_size/algo.num_minibatches={rows} is "
             f"not divisible by the data-parallel size {mesh_dp}"
         )
+    for key in ("train", "sft"):  # each micro-batch is split over the data-parallel devices
+        micro = config[key].micro_batch_rows
+        if micro > 0 and micro % max(mesh_dp, 1):
+            raise ValueError(
+                f"{key}.micro_batch_rows={micro} is not divisible by the data-parallel size "
+                f"{mesh_dp}"
+            )
 
 
 def init_params(config, model_cfg, mesh):
@@ -198,7 +205,8 @@ def warm_start(config, graphdef, params, encoder, train, mesh, writer):
     )
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0)}
     state = place_state(state, mesh)
-    step_fn = steps.make_sft_step(graphdef, opt)
+    micro = microbatch.resolve_rows(config, "sft", sharding.data_parallel_size(mesh))
+    step_fn = steps.make_sft_step(graphdef, opt, micro)
     batches = sft_batches(
         train,
         encoder,
@@ -471,7 +479,8 @@ def _run(config, mesh) -> dict:
 
     algo = algos.resolve(a)
     log.info("algorithm %s: %s", a.name, algo)
-    rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config, algo))
+    micro = microbatch.resolve_rows(config, "train", sharding.data_parallel_size(mesh))
+    rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config, algo), micro)
     sampling = rollout_sampling(config, (tokenizer.eos_id,), tokenizer.pad_id)
     generate = layout.in_decode_layout(
         engine.select(
@@ -483,7 +492,7 @@ def _run(config, mesh) -> dict:
     self_generate = _self_generate(graphdef, lambda: decode(state["params"]), tokenizer, r, dp)
     annotator = make_annotator(config, train, self_generate, tokenizer)
     phases = RLPhases(
-        config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step
+        config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step, micro
     )
     ref_params = None
     if a.ref_kl_coef > 0:  # a frozen copy of the params RL starts from (the same on resume)

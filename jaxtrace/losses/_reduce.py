@@ -3,8 +3,16 @@
 Every loss here is a weighted sum of per-token terms divided by a denominator that depends on the
 normalisation mode. The denominators are clamped at 1 so that a batch with no valid tokens gives a
 loss of exactly 0 (and a zero gradient) instead of NaN.
+
+Micro-batching (jaxtrace.microbatch): a loss normalised over the whole batch is the sum of its
+micro-batches' losses when each is divided by the whole batch's denominators, computed up front
+from the batch's masks (`batch_totals`) and passed as `totals=`; without `totals` the
+denominators are this batch's own, so the two paths share one piece of math.
 """
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 NORMS = ("token", "sequence", "constant")
@@ -44,7 +52,22 @@ def safe_div(num, den):
     return num / jnp.maximum(den, 1.0)
 
 
-def reduce_tokens(values_BxT, mask_BxT, norm, *, denom_mask_BxT=None, max_len=None):
+class Totals(NamedTuple):
+    """The denominators of `reduce_tokens` over a whole batch (float32 scalars, rows an int)."""
+
+    tokens: jax.Array  # denominator tokens ("token" norm)
+    sequences: jax.Array  # rows with at least one denominator token ("sequence" norm)
+    rows: int  # rows ("constant" norm: rows * max_len)
+
+
+def batch_totals(denom_mask_BxT) -> Totals:
+    """`Totals` of a [B, T] denominator mask (bool or 0/1)."""
+    denom = jnp.asarray(denom_mask_BxT, jnp.float32)
+    n_B = jnp.sum(denom, axis=-1)
+    return Totals(jnp.sum(n_B), jnp.sum((n_B > 0).astype(jnp.float32)), jnp.shape(denom)[0])
+
+
+def reduce_tokens(values_BxT, mask_BxT, norm, *, denom_mask_BxT=None, max_len=None, totals=None):
     """Normalised sum of `values_BxT * mask_BxT`.
 
     Args:
@@ -57,6 +80,8 @@ def reduce_tokens(values_BxT, mask_BxT, norm, *, denom_mask_BxT=None, max_len=No
       denom_mask_BxT: tokens counted in the denominator; defaults to `mask_BxT`. TRACE passes all
         response tokens here while each route sums only its own tokens.
       max_len: the constant of the "constant" norm.
+      totals: the whole batch's `Totals` when this is one micro-batch of it (the result is then
+        this micro-batch's share of the whole batch's loss); default: this batch's own.
 
     Returns:
       Scalar float32.
@@ -64,29 +89,30 @@ def reduce_tokens(values_BxT, mask_BxT, norm, *, denom_mask_BxT=None, max_len=No
     check_norm(norm)
     mask = jnp.asarray(mask_BxT, jnp.float32)
     denom = mask if denom_mask_BxT is None else jnp.asarray(denom_mask_BxT, jnp.float32)
+    totals = batch_totals(denom) if totals is None else totals
     # where (not multiply) so that a NaN/inf in a masked-out slot cannot leak into the sum.
     contrib = jnp.where(mask > 0, jnp.asarray(values_BxT, jnp.float32) * mask, 0.0)
     if norm == "token":
-        return safe_div(jnp.sum(contrib), jnp.sum(denom))
+        return safe_div(jnp.sum(contrib), totals.tokens)
     if norm == "sequence":
-        n_B = jnp.sum(denom, axis=-1)
-        per_seq_B = safe_div(jnp.sum(contrib, axis=-1), n_B)
+        per_seq_B = safe_div(jnp.sum(contrib, axis=-1), jnp.sum(denom, axis=-1))
         # Sequences without any valid token (padding rows, overlong-filtered rows) are left out of
         # the mean so they do not dilute the others.
-        return safe_div(jnp.sum(per_seq_B), jnp.sum((n_B > 0).astype(jnp.float32)))
-    B, T = jnp.shape(contrib)
+        return safe_div(jnp.sum(per_seq_B), totals.sequences)
+    T = jnp.shape(contrib)[1]
     if max_len is None:
         max_len = T
     if max_len <= 0:
         raise ValueError(f"max_len must be positive, got {max_len}")
-    return jnp.sum(contrib) / (B * float(max_len))
+    return jnp.sum(contrib) / (totals.rows * float(max_len))
 
 
-def masked_mean(x_BxT, mask_BxT):
-    """Mean of x over the masked tokens; 0 when there are none (metrics)."""
+def masked_mean(x_BxT, mask_BxT, count=None):
+    """Mean of x over the masked tokens; 0 when there are none (metrics). `count`: the whole
+    batch's number of masked tokens when this is a micro-batch (its share of the mean)."""
     mask = jnp.asarray(mask_BxT, jnp.float32)
     total = jnp.sum(jnp.where(mask > 0, jnp.asarray(x_BxT, jnp.float32) * mask, 0.0))
-    return safe_div(total, jnp.sum(mask))
+    return safe_div(total, jnp.sum(mask) if count is None else count)
 
 
 def zero_outside(mask_BxT, *arrays):

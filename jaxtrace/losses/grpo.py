@@ -152,19 +152,20 @@ def policy_gradient_terms(
     return PGTerms(loss, ratio, clipped_low, clipped_high, clipped_dual, approx_kl, ref_kl)
 
 
-def pg_metrics(terms, mask_BxT):
-    """Clip fractions, approx KL, mean ratio and ref KL over the masked tokens (scalars)."""
+def pg_metrics(terms, mask_BxT, count=None):
+    """Clip fractions, approx KL, mean ratio and ref KL over the masked tokens (scalars).
+    `count`: the whole batch's masked tokens when this is a micro-batch (`masked_mean`)."""
     sg = jax.tree.map(jax.lax.stop_gradient, terms)
-    low = masked_mean(sg.clipped_low, mask_BxT)
-    high = masked_mean(sg.clipped_high, mask_BxT)
+    mean = lambda x: masked_mean(x, mask_BxT, count)  # noqa: E731
+    low, high = mean(sg.clipped_low), mean(sg.clipped_high)
     return {
         "clip_frac_low": low,
         "clip_frac_high": high,
         "clip_frac": low + high,  # disjoint events: A < 0 vs A > 0
-        "clip_frac_dual": masked_mean(sg.clipped_dual, mask_BxT),
-        "approx_kl": masked_mean(sg.approx_kl, mask_BxT),
-        "ratio_mean": masked_mean(sg.ratio, mask_BxT),
-        "ref_kl": masked_mean(sg.ref_kl, mask_BxT),
+        "clip_frac_dual": mean(sg.clipped_dual),
+        "approx_kl": mean(sg.approx_kl),
+        "ratio_mean": mean(sg.ratio),
+        "ref_kl": mean(sg.ref_kl),
     }
 
 

@@ -12,11 +12,14 @@ no GRPO) and "opsd+grpo" (KL and GRPO on every response token).
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxtrace.losses._reduce import (
+    Totals,
+    batch_totals,
     check_2d,
     check_norm,
     check_same_shape,
@@ -175,6 +178,43 @@ def routed_kl_from_logits(student_logits_BxTxV, teacher_logits_BxTxV, route_BxT)
     return kl.reshape(B, T)
 
 
+class TraceTotals(NamedTuple):
+    """The whole batch's denominators of `trace_loss` (see `trace_totals`)."""
+
+    response: Totals  # the loss's: response tokens (route != IGNORE)
+    grpo: jax.Array  # tokens trained by the surrogate (the clip / ratio metrics')
+    fkl: jax.Array  # FKL tokens (kl_fkl_mean's)
+    rkl: jax.Array  # RKL tokens (kl_rkl_mean's)
+
+
+def _route_masks(route_BxT, lam, mode, grpo_when_lam_zero):
+    """(response, grpo, fkl, rkl) [B, T] bool masks of `trace_loss` from the mode's routes
+    (`routes_for_mode`) and lam (float32 scalar)."""
+    resp = route_BxT != ROUTE_IGNORE
+    fkl = route_BxT == ROUTE_FKL
+    rkl = route_BxT == ROUTE_RKL
+    kl_tok = fkl | rkl
+    if mode == "opsd+grpo":
+        grpo = resp
+    elif mode == "trace" and grpo_when_lam_zero:
+        grpo = (route_BxT == ROUTE_GRPO) | (kl_tok & (lam == 0))
+    else:
+        grpo = route_BxT == ROUTE_GRPO
+    return resp, grpo, fkl, rkl
+
+
+def trace_totals(
+    route_BxT, lam, *, mode="trace", opsd_route=ROUTE_FKL, grpo_when_lam_zero=True
+) -> TraceTotals:
+    """`TraceTotals` of a whole batch's [B, T] routes, for `trace_loss(..., totals=)` on each
+    of its micro-batches (same mode / lam / opsd_route / grpo_when_lam_zero as the loss)."""
+    lam = jnp.asarray(0.0 if lam is None else lam, jnp.float32)
+    route = routes_for_mode(route_BxT, mode, opsd_route=opsd_route)
+    resp, grpo, fkl, rkl = _route_masks(route, lam, mode, grpo_when_lam_zero)
+    count = lambda m: jnp.sum(m.astype(jnp.float32))  # noqa: E731
+    return TraceTotals(batch_totals(resp), count(grpo), count(fkl), count(rkl))
+
+
 def trace_loss(
     logp_BxT,
     old_logp_BxT,
@@ -194,6 +234,7 @@ def trace_loss(
     mode="trace",
     opsd_route=ROUTE_FKL,
     grpo_when_lam_zero=True,
+    totals=None,
 ):
     """Token-routed loss: L = L_GRPO(GRPO tokens) + lam * [L_FKL(FKL tokens) + L_RKL(RKL tokens)].
 
@@ -225,6 +266,10 @@ def trace_loss(
         `policy_gradient_loss` (the reference KL applies to the GRPO tokens).
       mode: "trace" | "grpo" | "opsd" (KL on every response token, no GRPO) | "opsd+grpo".
       opsd_route: ROUTE_FKL or ROUTE_RKL, the KL used on every response token in the opsd modes.
+      totals: when this [B, T] batch is one micro-batch of a larger one, that batch's
+        `trace_totals`: the loss and every metric but `lambda` are then this micro-batch's
+        share, and summing them over the micro-batches gives the whole batch's values (counts
+        and exposure add up as they are). Default: this batch's own.
 
     Returns:
       (loss, metrics) with float32 scalar metrics: loss, pg_loss, kl_loss (loss = pg_loss +
@@ -256,16 +301,12 @@ def trace_loss(
     lam = jnp.asarray(0.0 if lam is None else lam, jnp.float32)
     adv_BxT = per_sequence_advantage(adv_B, B, T)
 
-    resp = route != ROUTE_IGNORE
-    fkl = route == ROUTE_FKL
-    rkl = route == ROUTE_RKL
+    resp, grpo, fkl, rkl = _route_masks(route, lam, mode, grpo_when_lam_zero)
     kl_tok = fkl | rkl
-    if mode == "opsd+grpo":
-        grpo = resp
-    elif mode == "trace" and grpo_when_lam_zero:
-        grpo = (route == ROUTE_GRPO) | (kl_tok & (lam == 0))
-    else:
-        grpo = route == ROUTE_GRPO
+    if totals is None:
+        totals = trace_totals(
+            route_BxT, lam, mode=mode, opsd_route=opsd_route, grpo_when_lam_zero=grpo_when_lam_zero
+        )
 
     logp_BxT, old_logp_BxT, ref_logp_BxT = zero_outside(grpo, logp_BxT, old_logp_BxT, ref_logp_BxT)
     terms = policy_gradient_terms(
@@ -283,8 +324,8 @@ def trace_loss(
     pg_BxT = jnp.where(grpo, terms.loss, 0.0)
     kl_BxT = jnp.zeros((B, T), jnp.float32) if kl_BxT is None else jnp.asarray(kl_BxT, jnp.float32)
     kl_BxT = jnp.where(kl_tok, kl_BxT, 0.0)
-    pg_loss = reduce_tokens(pg_BxT, resp, norm, max_len=max_len)
-    kl_loss = reduce_tokens(kl_BxT, resp, norm, max_len=max_len)
+    pg_loss = reduce_tokens(pg_BxT, resp, norm, max_len=max_len, totals=totals.response)
+    kl_loss = reduce_tokens(kl_BxT, resp, norm, max_len=max_len, totals=totals.response)
     loss = pg_loss + lam * kl_loss
 
     sg_kl = jax.lax.stop_gradient(kl_BxT)
@@ -292,20 +333,21 @@ def trace_loss(
     n_fkl = jnp.sum(fkl.astype(jnp.float32))
     n_rkl = jnp.sum(rkl.astype(jnp.float32))
     n_grpo = jnp.sum(grpo.astype(jnp.float32))
-    metrics = pg_metrics(terms, grpo)
+    n_resp_all = jnp.maximum(totals.response.tokens, 1.0)
+    metrics = pg_metrics(terms, grpo, totals.grpo)
     metrics.update(
         loss=jax.lax.stop_gradient(loss),
         pg_loss=jax.lax.stop_gradient(pg_loss),
         kl_loss=jax.lax.stop_gradient(kl_loss),
         n_response_tokens=n_resp,
-        frac_grpo=n_grpo / jnp.maximum(n_resp, 1.0),
-        frac_fkl=n_fkl / jnp.maximum(n_resp, 1.0),
-        frac_rkl=n_rkl / jnp.maximum(n_resp, 1.0),
+        frac_grpo=n_grpo / n_resp_all,
+        frac_fkl=n_fkl / n_resp_all,
+        frac_rkl=n_rkl / n_resp_all,
         n_fkl_tokens=n_fkl,
         n_rkl_tokens=n_rkl,
         n_kl_tokens=n_fkl + n_rkl,
-        kl_fkl_mean=masked_mean(sg_kl, fkl),
-        kl_rkl_mean=masked_mean(sg_kl, rkl),
+        kl_fkl_mean=masked_mean(sg_kl, fkl, totals.fkl),
+        kl_rkl_mean=masked_mean(sg_kl, rkl, totals.rkl),
         exposure=jax.lax.stop_gradient(lam) * (n_fkl + n_rkl),
     )
     metrics["lambda"] = jax.lax.stop_gradient(lam)

@@ -90,9 +90,27 @@ def router_aux_loss(cfg: ModelConfig, aux_layers, valid_BxT):
       metrics: `moe/load_imbalance_layer{i}` (max / mean expert load of layer i),
       `moe/load_imbalance` (their mean), `moe/lbl_loss`.
     """
+    stats = router_stats(aux_layers, valid_BxT)
+    if stats is None:
+        return jnp.float32(0.0), {}
+    loss = router_loss_from_stats(cfg, stats)
+    return loss, router_metrics_from_stats(cfg, stats)
+
+
+def router_stats(aux_layers, valid_BxT):
+    """The sums the load-balancing loss and the load metrics are functions of; each adds up over
+    the micro-batches of a batch (jaxtrace.microbatch), so the whole batch's loss is exact:
+
+      layers: static tuple of the MoE layers' indices
+      counts_LxE: top-k assignments per expert (float32, no gradient)
+      probs_LxE: sum over real tokens of the router's softmax probabilities (the gradient's path)
+      tokens: real tokens (float32 scalar)
+
+    None when no layer is MoE. aux_layers / valid_BxT as `router_aux_loss`.
+    """
     moe = [(i, a) for i, a in enumerate(aux_layers) if a is not None]
     if not moe:
-        return jnp.float32(0.0), {}
+        return None
     mask_N = valid_BxT.reshape(-1).astype(jnp.float32)
     logits_LxNxE = jnp.stack([a["router_logits_BxTxE"] for _, a in moe])
     logits_LxNxE = logits_LxNxE.reshape(len(moe), mask_N.shape[0], -1)
@@ -105,18 +123,37 @@ def router_aux_loss(cfg: ModelConfig, aux_layers, valid_BxT):
             for _, a in moe
         ]
     )
+    probs_LxNxE = jax.nn.softmax(logits_LxNxE.astype(jnp.float32), axis=-1)
+    return {
+        "layers": tuple(i for i, _ in moe),
+        "counts_LxE": jax.lax.stop_gradient(counts_LxE),
+        "probs_LxE": jnp.einsum("lne,n->le", probs_LxNxE, mask_N),
+        "tokens": jnp.sum(mask_N),
+    }
+
+
+def router_loss_from_stats(cfg: ModelConfig, stats):
+    """The unscaled balancing loss of `router_aux_loss` from `router_stats`. Linear in
+    probs_LxE, so a micro-batch's share is this function of (the whole batch's counts and
+    tokens, its own probs_LxE) and the shares sum to the whole batch's loss."""
+    counts_LxE, probs_LxE = stats["counts_LxE"], stats["probs_LxE"]
+    num_layers, num_experts = counts_LxE.shape
     k = cfg.num_experts_per_tok
-    if cfg.moe_global_lbl:
-        per_layer = jax.vmap(
-            lambda logits, counts: moe_losses.global_load_balancing_loss(
-                logits, counts, k, mask_T=mask_N
-            )
-        )(logits_LxNxE, counts_LxE)
-        loss = jnp.mean(per_layer)
-    else:
-        loss = moe_losses.load_balancing_loss(logits_LxNxE, k, mask_T=mask_N)
-    imbalance_L = moe_losses.expert_load_metrics(counts_LxE)["max_over_mean"]
-    metrics = {f"moe/load_imbalance_layer{i}": imbalance_L[j] for j, (i, _) in enumerate(moe)}
+    if cfg.moe_global_lbl:  # per layer: f_i = counts_i * K / sum(counts), p_i per real token
+        f_LxE = counts_LxE * k / jnp.maximum(jnp.sum(counts_LxE, -1, keepdims=True), 1.0)
+        p_LxE = probs_LxE / jnp.maximum(stats["tokens"], 1.0)
+        return jnp.mean(num_experts * jnp.sum(f_LxE * p_LxE, axis=-1))
+    # HF: every (layer, token) row pooled, f_i = assignments / rows, p_i = mean probability.
+    rows = jnp.maximum(num_layers * stats["tokens"], 1.0)
+    f_E, p_E = jnp.sum(counts_LxE, 0) / rows, jnp.sum(probs_LxE, 0) / rows
+    return num_experts * jnp.sum(f_E * p_E)
+
+
+def router_metrics_from_stats(cfg: ModelConfig, stats):
+    """`router_aux_loss`'s metrics from (a whole batch's) `router_stats`."""
+    imbalance_L = moe_losses.expert_load_metrics(stats["counts_LxE"])["max_over_mean"]
+    layers = stats["layers"]
+    metrics = {f"moe/load_imbalance_layer{i}": imbalance_L[j] for j, i in enumerate(layers)}
     metrics["moe/load_imbalance"] = jnp.mean(imbalance_L)
-    metrics["moe/lbl_loss"] = loss
-    return loss, metrics
+    metrics["moe/lbl_loss"] = jax.lax.stop_gradient(router_loss_from_stats(cfg, stats))
+    return metrics
