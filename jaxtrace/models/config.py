@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxtrace.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -55,6 +57,10 @@ class ModelConfig:
     hybrid_implementation: str = "xla"  # linear_attention.IMPLEMENTATIONS
     # Activation checkpointing of each decoder layer (saves memory in training).
     remat: bool = False
+    # Softmax attention (jaxtrace.models.attention): "" = per platform (TPU splash, else the
+    # chunked online softmax; decode steps dense), or one of attention.IMPLEMENTATIONS.
+    attention_impl: str = ""
+    attention_block: int = 512  # query / key block of the chunked path
 
     def __post_init__(self):
         for name in (
@@ -84,6 +90,15 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: num_experts_per_tok={self.num_experts_per_tok} must be in "
                 f"[1, num_experts={self.num_experts}] for qwen3_moe"
+            )
+        if self.attention_impl and self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}; use one of "
+                f"{list(ATTENTION_IMPLEMENTATIONS)} or '' (per platform)"
+            )
+        if not isinstance(self.attention_block, int) or self.attention_block <= 0:
+            raise ValueError(
+                f"ModelConfig.attention_block must be a positive int, got {self.attention_block!r}"
             )
         if self.moe_capacity_factor < 0:
             raise ValueError(
