@@ -60,13 +60,19 @@ def _close(got, want, tol=2e-5):
 
 
 def _value_and_grads(impl, q, k, v, mask, block=0, weight=None):
-    def loss(q, k, v):
-        o = A.attention(q, k, v, mask, impl, block)
-        w = 1.0 if weight is None else weight[:, :, None, None]
-        return jnp.sum(jnp.sin(o) * w), o
+    """(output, d/d(q, k, v) of sum(sin(output) * weight)), jitted (eager scans are slow)."""
+    w = jnp.ones(mask.q_slot.shape) if weight is None else weight
 
-    (_, o), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return o, grads
+    @jax.jit
+    def run(q, k, v, mask, w):
+        def loss(q, k, v):
+            o = A.attention(q, k, v, mask, impl, block)
+            return jnp.sum(jnp.sin(o) * w[:, :, None, None]), o
+
+        (_, o), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return o, grads
+
+    return run(q, k, v, mask, w)
 
 
 # ---------------------------------------------------------------------------- the mask
@@ -190,8 +196,7 @@ def test_splash_on_a_mesh_runs_in_shard_map():
     want = _value_and_grads("dense", q, k, v, mask, weight=own)
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     with jax.set_mesh(mesh):
-        run = lambda q, k, v: _value_and_grads("splash_interpret", q, k, v, mask, weight=own)  # noqa: E731
-        got = jax.jit(run)(q, k, v)
+        got = _value_and_grads("splash_interpret", q, k, v, mask, weight=own)
     _close(_at(own, got[0]), _at(own, want[0]))
     _close(got[1], want[1], 5e-5)
 
@@ -208,8 +213,10 @@ def test_splash_falls_back_where_it_cannot_express_the_mask():
 
 # ---------------------------------------------------------------------------- dispatch, bad input
 def test_default_implementation_and_bad_input():
-    assert A.default_implementation(1) == "dense"
-    assert A.default_implementation(8) == "chunked"  # CPU
+    assert A.default_implementation(1, 4096) == "dense"  # a decode step
+    assert A.default_implementation(300, 300) == "dense"  # one block
+    assert A.default_implementation(600, 600) == "chunked"  # CPU
+    assert A.default_implementation(9, 9, block=4) == "chunked"
     q, k, v = _qkv(2, 3, 3, 2, 1, 8)
     mask = models.causal_mask(jnp.ones((2, 3), bool))
     with pytest.raises(ValueError, match="needs a GPU"):
@@ -254,7 +261,7 @@ def test_model_chunked_equals_dense_with_the_shared_prompt_layout():
             h = steps.response_hidden(model, prompt, prompt_valid, response, response_mask)
             return jnp.sum(jnp.where(response_mask[..., None], jnp.sin(h), 0)), h
 
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (_, h_dense), g_dense = run("dense")
     (_, h_chunk), g_chunk = run("chunked")

@@ -246,6 +246,18 @@ def test_gradients_flow_and_are_finite(hybrid_model):
         assert float(jnp.abs(attn[name]).max()) > 0, name
 
 
+def test_full_attention_layers_chunked_equal_dense(hybrid_model):
+    """Layer 1 is full softmax attention (models.attention): chunked in blocks of 2 == dense,
+    with the hybrid layer 0 reading its valid keys from the same AttentionMask."""
+    graphdef, params = hybrid_model
+    chunked, _ = models.create(HYBRID.replace(attention_impl="chunked", attention_block=2))
+    dense, _ = models.create(HYBRID.replace(attention_impl="dense"))
+    tokens, valid = left_pad(PROMPTS, 9)
+    got = forward_logits(chunked, params, tokens, valid)
+    want = forward_logits(dense, params, tokens, valid)
+    _close(jnp.where(valid[..., None], got, 0), jnp.where(valid[..., None], want, 0), 1e-5)
+
+
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="hybrid_window"):
         linearize(DENSE, hybrid_window=0)

@@ -32,8 +32,8 @@ unspecified but finite output (it attends to pad keys), the same for every query
 - "cudnn" (GPU): `jax.nn.dot_product_attention(implementation="cudnn")` for half-precision T > 1;
   cuDNN takes padding only as lengths (right padding) or a dense mask, so this path passes the
   boolean [B, 1, T, S] mask (1 byte per entry, no float scores). Opt-in; else "chunked".
-- None / "": per platform (`_mesh.target_platform`): TPU -> "splash", else "chunked"; T = 1 ->
-  "dense".
+- None / "": per platform (`_mesh.target_platform`): TPU -> "splash", else "chunked"; "dense"
+  for T = 1 and when T and S both fit one block.
 """
 
 from __future__ import annotations
@@ -123,8 +123,10 @@ def decode_mask(kv_valid_BxS, slot) -> AttentionMask:
 
 
 # ---------------------------------------------------------------------------- dispatch
-def default_implementation(num_queries: int) -> str:
-    if num_queries == 1:
+def default_implementation(num_queries: int, num_keys: int, block: int = DEFAULT_BLOCK) -> str:
+    """Per platform (module doc); "dense" for a decode step or when all scores fit one block
+    (tiny shapes: the chunked path would run one block anyway)."""
+    if num_queries == 1 or (num_queries <= block and num_keys <= block):
         return "dense"
     return "splash" if _mesh.target_platform() == "tpu" else "chunked"
 
@@ -149,7 +151,8 @@ def attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask: AttentionMask, implementati
             f"attention: mask kv_valid {mask.kv_valid.shape} / q_slot {mask.q_slot.shape} do not "
             f"match [B={b}, S={s}] / [B={b}, T={t}]"
         )
-    impl = implementation or default_implementation(t)
+    block = block or DEFAULT_BLOCK
+    impl = implementation or default_implementation(t, s, block)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl in ("splash", "splash_interpret"):
@@ -168,7 +171,7 @@ def attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask: AttentionMask, implementati
         impl = "chunked"
     if impl == "dense":
         return dense_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask)
-    return chunked_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, block or DEFAULT_BLOCK)
+    return chunked_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, block)
 
 
 # ---------------------------------------------------------------------------- dense reference

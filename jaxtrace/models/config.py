@@ -58,7 +58,8 @@ class ModelConfig:
     # Activation checkpointing of each decoder layer (saves memory in training).
     remat: bool = False
     # Softmax attention (jaxtrace.models.attention): "" = per platform (TPU splash, else the
-    # chunked online softmax; decode steps dense), or one of attention.IMPLEMENTATIONS.
+    # chunked online softmax; dense for decode steps and shapes within one block), or one of
+    # attention.IMPLEMENTATIONS.
     attention_impl: str = ""
     attention_block: int = 512  # query / key block of the chunked path
 
