@@ -115,7 +115,7 @@ def _shared_prompt_hidden(model, prompt, prompt_valid, response, response_mask, 
     hidden_r, _, aux_r = model(
         response,
         positions_from_valid(valid)[:, p:],
-        causal_mask(valid)[:, p:],
+        causal_mask(valid).queries_from(p),
         cache,
         p,
         return_aux=True,

@@ -156,14 +156,14 @@ def test_layer_prefill_then_decode_equals_full(gate, prompt_len, window):
     full, _ = layer(x, pos, models.causal_mask(valid), None, None)
     # Sampler layout: cache slots [0, S) hold prompt then generated tokens.
     kv_valid_BxS = valid
-    slots = jnp.arange(t)
-    mask = kv_valid_BxS[:, None, :] & (slots[None, None, :] <= jnp.arange(prompt_len)[:, None])
+    slots = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
+    mask = models.AttentionMask(kv_valid_BxS, slots, 0)
     state = init_hybrid_cache(cfg, b)
     out, state = layer(x[:, :prompt_len], pos[:, :prompt_len], mask, state, 0)
     valid_p = valid[:, :prompt_len, None]
     _close(jnp.where(valid_p, out, 0), jnp.where(valid_p, full[:, :prompt_len], 0), 1e-5)
     for i in range(prompt_len, t):
-        step_mask = kv_valid_BxS[:, None, :] & (slots[None, None, :] <= i)
+        step_mask = models.decode_mask(kv_valid_BxS, i)
         out, state = layer(x[:, i : i + 1], pos[:, i : i + 1], step_mask, state, i)
         _close(out[:, 0], full[:, i], 1e-5)
     assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, init_hybrid_cache(cfg, b))
@@ -244,6 +244,18 @@ def test_gradients_flow_and_are_finite(hybrid_model):
     attn = grads["layers"][0]["self_attn"]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert float(jnp.abs(attn[name]).max()) > 0, name
+
+
+def test_full_attention_layers_chunked_equal_dense(hybrid_model):
+    """Layer 1 is full softmax attention (models.attention): chunked in blocks of 2 == dense,
+    with the hybrid layer 0 reading its valid keys from the same AttentionMask."""
+    graphdef, params = hybrid_model
+    chunked, _ = models.create(HYBRID.replace(attention_impl="chunked", attention_block=2))
+    dense, _ = models.create(HYBRID.replace(attention_impl="dense"))
+    tokens, valid = left_pad(PROMPTS, 9)
+    got = forward_logits(chunked, params, tokens, valid)
+    want = forward_logits(dense, params, tokens, valid)
+    _close(jnp.where(valid[..., None], got, 0), jnp.where(valid[..., None], want, 0), 1e-5)
 
 
 def test_bad_configs_raise():

@@ -113,9 +113,10 @@ def test_logits_match_transformers(tmp_path, variant):
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_length_one_and_left_padding(tmp_path):
+@pytest.mark.parametrize("attention", [{}, dict(attention_impl="chunked", attention_block=3)])
+def test_length_one_and_left_padding(tmp_path, attention):
     model, path = tiny_qwen3_moe(tmp_path, mlp_only=(1,))
-    _, graphdef, params = hf_io.load_hf(path)
+    _, graphdef, params = hf_io.load_hf(path, **attention)
     ids = np.random.default_rng(1).integers(0, 97, (1, 5))
     one = np.asarray(_logits(graphdef, params, jnp.asarray(ids[:, :1])))
     np.testing.assert_allclose(one, torch_logits(model, ids[:, :1]), atol=1e-4, rtol=1e-4)

@@ -18,23 +18,30 @@ SHAPES = [  # heads, kv_heads, head_dim, hidden, tie
 ]
 
 
+# models.attention: the default (dense at these sizes) and the chunked path in blocks of 4.
+ATTENTION = [{}, dict(attention_impl="chunked", attention_block=4)]
+ATTENTION_IDS = ["default", "chunked"]
+
+
+@pytest.mark.parametrize("attention", ATTENTION, ids=ATTENTION_IDS)
 @pytest.mark.parametrize(
     "shape",
     SHAPES,
     ids=lambda s: f"h{s['heads']}k{s['kv_heads']}d{s['head_dim']}{'t' if s['tie'] else 'u'}",
 )
-def test_logits_match_transformers(tmp_path, shape):
+def test_logits_match_transformers(tmp_path, shape, attention):
     model, path = tiny_qwen3(tmp_path, **shape)
-    cfg, graphdef, params = hf_io.load_hf(path)
+    cfg, graphdef, params = hf_io.load_hf(path, **attention)
     assert cfg.tie_word_embeddings == shape["tie"]
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11))
     ours = np.asarray(forward_logits(graphdef, params, jnp.asarray(ids)))
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_left_padded_rows_match_unpadded(tmp_path):
+@pytest.mark.parametrize("attention", ATTENTION, ids=ATTENTION_IDS)
+def test_left_padded_rows_match_unpadded(tmp_path, attention):
     model, path = tiny_qwen3(tmp_path)
-    _, graphdef, params = hf_io.load_hf(path)
+    _, graphdef, params = hf_io.load_hf(path, **attention)
     ids = np.random.default_rng(1).integers(0, 97, (1, 6))
     padded = np.concatenate([np.zeros((1, 3), int), ids], axis=1)
     valid = np.concatenate([np.zeros((1, 3), bool), np.ones((1, 6), bool)], axis=1)

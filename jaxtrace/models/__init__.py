@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrace.models.attention import AttentionMask, causal_mask, decode_mask, prefill_mask
 from jaxtrace.models.config import ModelConfig, from_hf_dict, preset, to_hf_dict
 from jaxtrace.models.qwen3 import (
     Qwen3,
-    causal_mask,
     grow_cache,
     init_cache,
     is_kv,
@@ -24,12 +24,14 @@ from jaxtrace.models.qwen3 import (
 )
 
 __all__ = [
+    "AttentionMask",
     "ModelConfig",
     "Qwen3",
     "abstract_model",
     "apply",
     "causal_mask",
     "create",
+    "decode_mask",
     "forward_logits",
     "from_hf_dict",
     "grow_cache",
@@ -38,6 +40,7 @@ __all__ = [
     "logical_axes",
     "pad_cache_slots",
     "positions_from_valid",
+    "prefill_mask",
     "preset",
     "repeat_cache_rows",
     "take_cache_rows",
@@ -72,9 +75,9 @@ def logical_axes(cfg: ModelConfig):
     )
 
 
-def apply(graphdef, params, tokens_BxT, positions_BxT, mask_BxTxS, **kwargs):
+def apply(graphdef, params, tokens_BxT, positions_BxT, mask: AttentionMask, **kwargs):
     """Functional forward: (hidden [B, T, D], cache); kwargs go to `Qwen3.__call__`."""
-    return nnx.merge(graphdef, params)(tokens_BxT, positions_BxT, mask_BxTxS, **kwargs)
+    return nnx.merge(graphdef, params)(tokens_BxT, positions_BxT, mask, **kwargs)
 
 
 def lm_head(graphdef, params):

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxtrace.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Activation checkpointing of each decoder layer in training passes (`qwen3.REMAT_POLICIES`):
 # "none" keeps every activation, "full" recomputes the layer in the backward pass, "dots" keeps
@@ -71,6 +73,11 @@ class ModelConfig:
     # Run the layers under `jax.lax.scan` over stacked params (compile time independent of depth);
     # False runs the same stacked params in an unrolled Python loop (debugging, reference).
     scan_layers: bool = True
+    # Softmax attention (jaxtrace.models.attention): "" = per platform (TPU splash, else the
+    # chunked online softmax; dense for decode steps and shapes within one block), or one of
+    # attention.IMPLEMENTATIONS.
+    attention_impl: str = ""
+    attention_block: int = 512  # query / key block of the chunked path
 
     def __post_init__(self):
         for name in (
@@ -105,6 +112,15 @@ class ModelConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; use one of {REMAT}")
+        if self.attention_impl and self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}; use one of "
+                f"{list(ATTENTION_IMPLEMENTATIONS)} or '' (per platform)"
+            )
+        if not isinstance(self.attention_block, int) or self.attention_block <= 0:
+            raise ValueError(
+                f"ModelConfig.attention_block must be a positive int, got {self.attention_block!r}"
+            )
         if self.moe_capacity_factor < 0:
             raise ValueError(
                 f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be >= 0 "

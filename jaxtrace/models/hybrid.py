@@ -16,9 +16,10 @@ Choices (no new parameters, so a Qwen3 checkpoint loads unchanged; all in `Model
   one exactly and a linearised checkpoint starts where the dense one was; beta = 0.5 adds the
   far context. (Liger fine-tunes with alpha = beta = 0.5.)
 
-Padding: key j of row b is valid iff mask[b, t, j] for some t of the call. The hybrid layer
-assumes the mask is causal over valid keys (what `causal_mask` and the sampler build) and is
-causal by construction. Valid tokens are moved to the front of each row by a stable per-row
+Padding: key j < T of row b is a real token iff some query of the call sees it
+(`AttentionMask.keys_seen_before`: kv_valid[b, j] and j <= the row's last query slot). The hybrid
+layer assumes the mask is causal over valid keys (what `causal_mask` and the samplers build) and
+is causal by construction. Valid tokens are moved to the front of each row by a stable per-row
 permutation, the op runs there, and outputs go back: pads never enter the window or the linear
 state, the window counts real tokens, and pad rows output 0.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtrace.models.attention import AttentionMask
 from jaxtrace.models.config import ModelConfig
 from jaxtrace.models.qwen3 import Attention, rope
 from pallas_kernels.linear_attention import (
@@ -240,7 +242,7 @@ def prefill_state(k, v, k_lin, log_g, length_B, window, like: HybridState) -> Hy
 # ---------------------------------------------------------------------------- the layer
 class HybridAttention(Attention):
     """Drop-in for `Attention` (same parameters and call) with hybrid attention; see the module
-    docstring. `__call__(x [B, T, D], positions [B, T], mask [B, T, S], cache, cache_index)
+    docstring. `__call__(x [B, T, D], positions [B, T], mask (AttentionMask), cache, cache_index)
     -> (out [B, T, D], cache)`; cache is None (training) or a `HybridState`."""
 
     def __init__(self, cfg: ModelConfig, rngs):
@@ -269,26 +271,30 @@ class HybridAttention(Attention):
         return q, k, v, phi(q), phi(k), log_g
 
     def __call__(
-        self, x_BxTxD, positions_BxT, mask_BxTxS, cache: HybridState | None = None, cache_index=None
+        self,
+        x_BxTxD,
+        positions_BxT,
+        mask: AttentionMask,
+        cache: HybridState | None = None,
+        cache_index=None,
     ):
         b, t = x_BxTxD.shape[:2]
-        if mask_BxTxS.ndim != 3 or mask_BxTxS.shape[:2] != (b, t):
+        if not isinstance(mask, AttentionMask) or mask.shape[:2] != (b, t):
+            got = mask.shape if isinstance(mask, AttentionMask) else type(mask).__name__
             raise ValueError(
-                f"HybridAttention: mask must be [B={b}, T={t}, S], got shape {mask_BxTxS.shape}"
+                f"HybridAttention: mask must be an AttentionMask [B={b}, T={t}, S], got {got}"
             )
         q, k, v, q_lin, k_lin, log_g = self.project(x_BxTxD, positions_BxT)
         if cache is not None and t == 1:
-            return self._decode(q, k, v, q_lin, k_lin, log_g, mask_BxTxS, cache, cache_index)
+            return self._decode(q, k, v, q_lin, k_lin, log_g, mask, cache, cache_index)
         if cache is not None and isinstance(cache_index, int) and cache_index != 0:
             raise ValueError(
                 f"HybridAttention: a cached call with T={t} > 1 is a prefill and "
                 f"needs cache_index=0, got {cache_index}"
             )
-        if mask_BxTxS.shape[2] < t:
-            raise ValueError(
-                f"HybridAttention: mask {mask_BxTxS.shape} has fewer than T={t} key columns"
-            )
-        valid_BxT = jnp.any(mask_BxTxS[:, :, :t], axis=1)
+        if mask.shape[2] < t:
+            raise ValueError(f"HybridAttention: mask {mask.shape} has fewer than T={t} key columns")
+        valid_BxT = mask.keys_seen_before(t)
         o, compacted = attend(
             q,
             k,
@@ -308,7 +314,7 @@ class HybridAttention(Attention):
             cache = prefill_state(*compacted, valid_BxT.sum(axis=1), self.window, cache)
         return self.output(o), cache
 
-    def _decode(self, q, k, v, q_lin, k_lin, log_g, mask_Bx1xS, state, cache_index):
+    def _decode(self, q, k, v, q_lin, k_lin, log_g, mask: AttentionMask, state, cache_index):
         o, new = hybrid_attention_step(
             q[:, 0],
             k[:, 0],
@@ -323,14 +329,8 @@ class HybridAttention(Attention):
         # A pad fed at decode time (its own slot masked out) leaves the state untouched.
         if cache_index is None:
             ok_B = jnp.ones(q.shape[:1], bool)
-        elif jnp.ndim(cache_index) == 1:  # the rollout engine: a slot per row, >= S for idle
-            s = mask_Bx1xS.shape[2]
-            at = jnp.minimum(cache_index, s - 1)[:, None]
-            ok_B = jnp.take_along_axis(mask_Bx1xS[:, 0], at, axis=1)[:, 0] & (cache_index < s)
-        else:
-            ok_B = jax.lax.dynamic_index_in_dim(
-                mask_Bx1xS[:, 0], cache_index, axis=1, keepdims=False
-            )
+        else:  # the rollout engine: a slot per row ([B]), >= S for idle rows
+            ok_B = mask.sees_slot(cache_index)
         keep = lambda n, s: jnp.where(ok_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, s)
         new = jax.tree.map(keep, new, state)
         o = jnp.where(ok_B[:, None, None], o, 0).astype(o.dtype)

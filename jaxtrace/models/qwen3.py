@@ -3,7 +3,8 @@
 Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `norm`, `expert`); `jaxtrace.sharding` maps them to mesh axes.
 
-Attention takes an explicit boolean mask [B, T, S] (True = may attend) and, when decoding, a
+Attention takes an `AttentionMask` (jaxtrace.models.attention: kv_valid [B, S] and each query's
+cache slot q_slot [B, T], O(B * S) instead of a dense [B, T, S] mask) and, when decoding, a
 per-layer KV cache {"k", "v": [B, Hkv, S, Dh]} written at `cache_index` (an int: the same slot
 for every row; an int array [B]: a decode step's slot per row, `write_rows`). The model returns
 final hidden states; `lm_head_weight()` gives the [D, V] head so that losses can work from hidden
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrace.models.attention import AttentionMask, attention, causal_mask  # noqa: F401
 from jaxtrace.models.config import ModelConfig
 
 Cache = dict[str, jax.Array]
@@ -58,21 +60,6 @@ def rope(x_BxTxHxD, positions_BxT, theta: float):
     return out.astype(x_BxTxHxD.dtype)
 
 
-def dot_product_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
-    """Grouped-query softmax attention in float32; masked rows attend uniformly (no NaN).
-    Keys and values come head-major, the KV cache's layout."""
-    b, t, h, d = q_BxTxHxD.shape
-    kv = k_BxKxSxD.shape[1]
-    q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_BxKxSxD, preferred_element_type=jnp.float32) * (
-        d**-0.5
-    )
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxD.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_BxKxSxD)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
 def write_rows(cache_BxKxSxD, x_BxKx1xD, slot_B):
     """One new key / value per row at its own slot (the rollout engine's rows sit at different
     lengths). A slot outside [0, S) writes nothing: idle rows pass S."""
@@ -98,6 +85,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, pd, axes=("head_dim",))
         self.rope_theta = cfg.rope_theta
         self.dtype = cfg.compute_dtype
+        self.attention_impl, self.attention_block = cfg.attention_impl, cfg.attention_block
 
     def project_qkv(self, x_BxTxD, positions_BxT):
         dt = self.dtype
@@ -112,7 +100,12 @@ class Attention(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxD, self.o_proj[...].astype(self.dtype))
 
     def __call__(
-        self, x_BxTxD, positions_BxT, mask_BxTxS, cache: Cache | None = None, cache_index=None
+        self,
+        x_BxTxD,
+        positions_BxT,
+        mask: AttentionMask,
+        cache: Cache | None = None,
+        cache_index=None,
     ):
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
         k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, Hkv, T, Dh], as cached
@@ -124,7 +117,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
-        o = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask_BxTxS)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        o = attention(q, k, v, mask, self.attention_impl, self.attention_block)
         return self.output(o), cache
 
 
@@ -293,16 +287,14 @@ class Qwen3(nnx.Module):
         self,
         tokens_BxT,
         positions_BxT,
-        mask_BxTxS,
+        mask: AttentionMask,
         cache=None,
         cache_index=None,
         return_aux: bool = False,
     ):
         x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
         stacks = [nnx.to_pure_dict(nnx.state(s, nnx.Param)) for s in self.layers]
-        x, out_cache, aux = run_layers(
-            self.cfg, stacks, x, positions_BxT, mask_BxTxS, cache, cache_index
-        )
+        x, out_cache, aux = run_layers(self.cfg, stacks, x, positions_BxT, mask, cache, cache_index)
         hidden = self.norm(x)
         if return_aux:
             return hidden, out_cache, aux
@@ -320,13 +312,6 @@ class Qwen3(nnx.Module):
 
 
 # ---------------------------------------------------------------------------- masks and caches
-def causal_mask(valid_BxT):
-    """[B, T, T] mask: query i sees key j <= i where key j is a real (non-pad) token."""
-    t = valid_BxT.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & valid_BxT[:, None, :]
-
-
 def positions_from_valid(valid_BxT):
     """Position ids that count only real tokens (left padding gets position 0)."""
     return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)

@@ -25,7 +25,7 @@ Why dense buckets rather than a paged cache: on CPU (and for XLA in general) a g
 attention re-reads the page table and gathers pages every step, and XLA has no ragged attention;
 bucketed dense prefixes need no new attention kernel (only a per-row cache write,
 `qwen3.write_rows`), compile once per (slot bucket, length bucket) pair visited - O(log) of each -
-and keep attention exactly the model's `dot_product_attention`, so greedy decoding equals the
+and keep attention exactly the model's `attention`, so greedy decoding equals the
 static sampler's token for token. The cost is up to 2x of attention over the true length inside a
 bucket and a cache copy when a bucket grows (also O(log N) times).
 
@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrace.models import causal_mask, init_cache, positions_from_valid
+from jaxtrace.models import causal_mask, decode_mask, init_cache, positions_from_valid
 from jaxtrace.rollout import layout
 from jaxtrace.rollout.sampler import SamplingConfig, _top_p_filter, sample_categorical
 
@@ -218,7 +218,6 @@ def _segment(
     num_prompt = prompt_valid.sum(axis=1).astype(jnp.int32)
     kv_valid = jnp.concatenate([prompt_valid, jnp.ones((row.shape[0], length - p), bool)], 1)
     keys, budget = row_keys_R[row], budget_R[row]
-    slot_ids = jnp.arange(length)
 
     def cond(c):
         _, t, _, done, _ = c
@@ -229,7 +228,7 @@ def _segment(
     def body(c):
         cache, t, token, done, out = c
         write = p + t - 1  # the slot of the last sampled token, fed back in
-        mask = (kv_valid & (slot_ids[None] <= write[:, None]))[:, None, :]
+        mask = decode_mask(kv_valid, write)
         at = jnp.where(done, length, write)  # idle slots write nothing
         hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], mask, cache, at)
         nxt, lp = _choose_rows(model.logits(hidden)[:, 0], _step_keys(keys, t), cfg)

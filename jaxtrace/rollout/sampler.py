@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrace.models import init_cache, positions_from_valid
+from jaxtrace.models import decode_mask, init_cache, positions_from_valid, prefill_mask
 
 SAMPLE_BLOCK = 512  # vocabulary block of `sample_categorical`
 
@@ -149,13 +149,15 @@ def generate(
     stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
 
     kv_valid = jnp.concatenate([valid, jnp.ones((r, new), bool)], axis=1)  # [R, S]
-    slots = jnp.arange(s)
     # One prefill per prompt; its cache and last hidden state are copied to its n samples.
     b = prompt_BxP.shape[0]
-    prefill_mask = kv_valid[::n, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
     cache = init_cache(model.cfg, b, s)
     hidden, cache = model(
-        prompt_BxP, positions_from_valid(prompt_valid_BxP), prefill_mask, cache, 0
+        prompt_BxP,
+        positions_from_valid(prompt_valid_BxP),
+        prefill_mask(prompt_valid_BxP, s),
+        cache,
+        0,
     )
     hidden = hidden[:, -1:]
     if n > 1:
@@ -176,7 +178,7 @@ def generate(
     def body(carry):
         t, token, cache, response, logprobs, done, mask, rng = carry
         slot = p + t - 1  # the slot of the last sampled token, fed back in
-        step_mask = kv_valid[:, None, :] & (slots[None, None, :] <= slot)
+        step_mask = decode_mask(kv_valid, slot)
         hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], step_mask, cache, slot)
         rng, step_rng = jax.random.split(rng)
         nxt, lp = _choose(model.logits(hidden)[:, 0], step_rng, cfg)
