@@ -52,7 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrace.models import causal_mask, init_cache, positions_from_valid
+from jaxtrace.models import (
+    causal_mask,
+    init_cache,
+    is_kv,
+    pad_cache_slots,
+    positions_from_valid,
+    take_cache_rows,
+)
 from jaxtrace.rollout.sampler import SamplingConfig, _top_p_filter, sample_categorical
 
 log = logging.getLogger(__name__)
@@ -179,18 +186,20 @@ def _segment(
     row = jnp.maximum(slot_row_S, 0)
     src = row // n  # the slot's prompt
 
+    # Cache leaves are [layers, slots, ...] (`init_cache`); the prefix's [layers, prompts, ...].
     def take_prompt(c, pre):
-        head = jnp.where(fresh_S[:, None, None, None], pre[src].astype(c.dtype), c[:, :, :p])
-        return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0))
+        fresh = fresh_S[None, :, None, None, None]
+        head = jnp.where(fresh, pre[:, src].astype(c.dtype), c[:, :, :, :p])
+        return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0, 0))
 
     def take_state(c, pre):  # a hybrid layer's constant-size state, one per row
         pick = lambda x, y: jnp.where(  # noqa: E731
-            fresh_S.reshape((-1,) + (1,) * (x.ndim - 1)), y[src].astype(x.dtype), x
+            fresh_S.reshape((1, -1) + (1,) * (x.ndim - 2)), y[:, src].astype(x.dtype), x
         )
         return jax.tree.map(pick, c, pre)
 
     cache = [
-        {k: take_prompt(c[k], pre[k]) for k in c} if _is_kv(c) else take_state(c, pre)
+        {k: take_prompt(c[k], pre[k]) for k in c} if is_kv(c) else take_state(c, pre)
         for c, pre in zip(slots["cache"], prefix)
     ]
     t = jnp.where(fresh_S, 1, slots["t"])
@@ -231,18 +240,13 @@ def _segment(
     return {"cache": cache, "t": t, "token": token, "done": done}, outputs
 
 
-def _is_kv(layer_cache) -> bool:
-    return isinstance(layer_cache, dict)  # else a hybrid layer's HybridState
-
-
 def _grow(slots, length: int):
-    pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))  # noqa: E731
-    grown = [{k: pad(c) for k, c in lyr.items()} if _is_kv(lyr) else lyr for lyr in slots["cache"]]
-    return dict(slots, cache=grown)
+    return dict(slots, cache=pad_cache_slots(slots["cache"], length))
 
 
 def _compact(slots, idx_S):
-    return jax.tree.map(lambda x: x[idx_S], slots)
+    rest = jax.tree.map(lambda x: x[idx_S], {k: v for k, v in slots.items() if k != "cache"})
+    return dict(rest, cache=take_cache_rows(slots["cache"], idx_S))
 
 
 def _finish(cfg: SamplingConfig, prompt_BxP, valid_BxP, outputs):
