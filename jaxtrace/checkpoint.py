@@ -14,7 +14,9 @@ numbers. Retention keeps at least one step (`keep` >= 1, or None = all).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -144,12 +146,41 @@ def restore_newest(directory: str, steps: list[int], step: int | None, restore_s
                 [k for k, _ in skipped],
             )
         return out, s, skipped
+    old = [k for k, _ in skipped if per_layer_layout(directory, k)]
+    if old:
+        raise InputError(
+            f"checkpoint step(s) {old} in {directory!r} hold the per-layer params layout "
+            "(params/layers/<i>/..., from before decoder layers were stacked for the scan); "
+            "this jaxtrace stores layer j's params stacked in params/layers/<j mod period> and "
+            "cannot read them. Export them with the jaxtrace that wrote them "
+            "(python -m jaxtrace.export) and start from --config.init_from=hf:DIR."
+        )
     if step is not None:
         raise InputError(
             f"checkpoint step {step} in {directory!r} does not restore ({skipped[0][1]})"
         )
     detail = "; ".join(f"step {k}: {why}" for k, why in skipped)
     raise InputError(f"no checkpoint step in {directory!r} restores ({detail})")
+
+
+_NORM_KEY = re.compile(r"\('params', 'layers', '\d+', 'input_layernorm', 'weight'\)")
+
+
+def per_layer_layout(directory: str, step: int) -> bool:
+    """Whether `step` was saved with one params subtree per decoder layer (a layer norm of
+    shape [D]) rather than stacked ([L / period, D]); False when its metadata does not say."""
+    try:
+        path = paths.join(directory, str(step), "state", "_METADATA")
+        with paths.open_path(path) as f:
+            tree = json.load(f)["tree_metadata"]
+        shapes = [
+            v["value_metadata"].get("write_shape")
+            for k, v in tree.items()
+            if _NORM_KEY.fullmatch(k)
+        ]
+    except Exception:  # noqa: BLE001 (a hint only: any unreadable metadata means "cannot tell")
+        return False
+    return any(s is not None and len(s) == 1 for s in shapes)
 
 
 def restore_params(directory: str, abstract_params, step: int | None = None):

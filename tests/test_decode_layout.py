@@ -224,12 +224,15 @@ def test_slots_are_split_over_the_batch_axes():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
     params = jax.device_put({"w": jnp.ones(4)}, sharding.replicated(mesh))
     s = engine.slot_sharding(params, 16)
-    assert s.spec == P(("data", "fsdp"))
+    assert s["t"].spec == P(("data", "fsdp"))
+    assert s["cache"].spec == P(None, ("data", "fsdp"))  # [layers, slots, ...]: slots split
     assert engine.slot_sharding(params, 12) is None
     assert engine.slot_sharding({"w": jnp.ones(4)}, 16) is None  # one device
     slots = engine._placed("empty", s)(CFG, 16, 24)
     k = slots["cache"][0]["k"]
-    assert k.addressable_shards[0].data.shape == (2, CFG.num_kv_heads, 24, CFG.head_dim)
+    layers = CFG.num_layers // CFG.scan_period
+    assert k.addressable_shards[0].data.shape == (layers, 2, CFG.num_kv_heads, 24, CFG.head_dim)
+    assert slots["t"].addressable_shards[0].data.shape == (2,)
 
 
 # ---------------------------------------------------------------------------- config

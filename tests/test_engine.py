@@ -29,7 +29,9 @@ SCHEDULES = [(0, 64, 8), (3, 4, 1)]
 @pytest.fixture(scope="module")
 def model():
     graphdef, params = models.create(CFG, seed=1)
-    params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)  # peaked outputs
+    params = jax.tree_util.tree_map_with_path(
+        lambda k, x: x if "norm" in jax.tree_util.keystr(k) else x * 4.0, params
+    )  # peaked outputs (weights, not norms)
     return graphdef, params
 
 
@@ -133,7 +135,9 @@ def test_two_token_distribution_matches_the_model(temperature, top_p):
     against softmax at the prompt, the second against sum_a p(a) p(b | a) (a forward pass per
     first token), so the decode step's distribution is checked too. 3 slots: rows refill."""
     graphdef, params = models.create(CFG, seed=2)
-    params = jax.tree.map(lambda x: x * 2.0 if x.ndim > 1 else x, params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda k, x: x if "norm" in jax.tree_util.keystr(k) else x * 2.0, params
+    )  # weights, not norms
     prompt = [4, 8, 15]
     n = 6000
     cfg = SamplingConfig(

@@ -59,7 +59,7 @@ def test_sharded_hf_load(tmp_path):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     cfg, graphdef, params = hf_io.load_hf(hf_dir, lambda c: sharding.param_shardings(c, mesh))
     spec = params["layers"][0]["self_attn"]["q_proj"].sharding.spec
-    assert spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # [layers, ...]
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 6))
     ours = jax.jit(forward_logits, static_argnums=0)(graphdef, params, jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(ours), torch_logits(model, ids), atol=1e-4, rtol=1e-4)

@@ -45,13 +45,13 @@ def setup():
 
 def test_expert_weights_sharded_on_expert_axis(setup):
     _, mesh, _, params, _ = setup
-    mlp = params["layers"][1]["mlp"]
+    mlp = params["layers"][1]["mlp"]  # [layers, ...]: the stack of layer 1 (layer 0 is dense)
     for name in ("gate_proj", "up_proj", "down_proj"):
         w = mlp[name]
-        assert w.sharding.spec[0] == "expert", (name, w.sharding.spec)
+        assert w.sharding.spec[:2] == (None, "expert"), (name, w.sharding.spec)
         shard_shapes = {s.data.shape for s in w.addressable_shards}
-        assert shard_shapes == {(NUM_EXPERTS // 4, *w.shape[1:])}
-    assert mlp["router"].sharding.spec == jax.sharding.PartitionSpec(None, "expert")
+        assert shard_shapes == {(w.shape[0], NUM_EXPERTS // 4, *w.shape[2:])}
+    assert mlp["router"].sharding.spec == jax.sharding.PartitionSpec(None, None, "expert")
     dense = params["layers"][0]["mlp"]["gate_proj"]  # dense layer: no expert dim, replicated
     assert "expert" not in tuple(dense.sharding.spec)
 

@@ -107,7 +107,9 @@ def test_logits_match_transformers(tmp_path, variant):
     assert 0 < len(moe_layers)
     if variant["sparse_step"] > 1 or variant["mlp_only"]:
         assert len(moe_layers) < cfg.num_layers  # dense and MoE layers mixed
-    assert params["layers"][moe_layers[0]]["mlp"]["gate_proj"].shape == (4, 32, 24)
+    pp = cfg.param_period  # layer i is entry i // pp of stack i % pp
+    stacked = params["layers"][moe_layers[0] % pp]["mlp"]["gate_proj"]
+    assert stacked.shape == (cfg.num_layers // pp, 4, 32, 24)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11))
     ours = np.asarray(_logits(graphdef, params, jnp.asarray(ids)))
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=1e-4, rtol=1e-4)

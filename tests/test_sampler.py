@@ -28,7 +28,9 @@ PROMPTS = [[5, 9, 2, 7], [11], [3, 4, 5, 6, 7, 8, 9]]  # ragged: left padding ev
 def model():
     graphdef, params = models.create(CFG, seed=1)
     # Larger weights give peaked, input-dependent distributions (a sharper test).
-    params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda k, x: x if "norm" in jax.tree_util.keystr(k) else x * 4.0, params
+    )  # weights, not norms
     return graphdef, params
 
 

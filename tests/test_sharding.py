@@ -42,16 +42,16 @@ def test_fill_axis_and_bad_meshes():
 def test_params_sharded_as_rules_say():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     _, params = sharding.init_sharded(CFG, mesh, seed=0)
-    attn = params["layers"][0]["self_attn"]
-    assert attn["q_proj"].sharding.spec == P("fsdp", "tensor", None)
-    assert attn["o_proj"].sharding.spec == P("tensor", None, "fsdp")
+    attn = params["layers"][0]["self_attn"]  # both layers stacked on a replicated leading axis
+    assert attn["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert attn["o_proj"].sharding.spec == P(None, "tensor", None, "fsdp")
     assert params["embed_tokens"].sharding.spec == P("tensor", "fsdp")
     assert params["lm_head"].sharding.spec == P("fsdp", "tensor")
-    assert params["layers"][1]["mlp"]["down_proj"].sharding.spec == P("tensor", "fsdp")
+    assert params["layers"][0]["mlp"]["down_proj"].sharding.spec == P(None, "tensor", "fsdp")
     assert params["norm"]["weight"].sharding.spec == P(None)
     # Really split: each device holds a quarter of q_proj.
     shard = attn["q_proj"].addressable_shards[0].data
-    assert shard.shape == (CFG.hidden_size // 2, CFG.num_heads // 2, CFG.head_dim)
+    assert shard.shape == (CFG.num_layers, CFG.hidden_size // 2, CFG.num_heads // 2, CFG.head_dim)
     # Same values as an unsharded init with the same seed.
     _, ref = models.create(CFG, seed=0)
     # (jit fuses the init's scale, hence ulp-level differences.)

@@ -10,6 +10,7 @@ way. Only safetensors are read or written (never pickle).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -33,6 +34,8 @@ TOKENIZER_FILES = (
 )
 
 # A mapping row: (HF name, params path, to_ours(hf_array) -> array, to_hf(array) -> hf_array).
+# A decoder layer's path is ("layers", j, b, ...): entry b of stack j (`Qwen3`'s stacked layout,
+# layer i = j + b * cfg.param_period); an expert's ends (..., name, e): entry e of that leaf.
 Row = tuple[str, tuple, Callable, Callable]
 
 
@@ -49,9 +52,13 @@ def _linear_out(shape_ours):
 _same = (lambda w: w, lambda w: w)
 
 
+def _layer_path(cfg: ModelConfig, i: int) -> tuple:
+    return ("layers", i % cfg.param_period, i // cfg.param_period)
+
+
 def _attention_rows(cfg: ModelConfig, i: int) -> list[Row]:
     d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    pre, path = f"model.layers.{i}.self_attn.", ("layers", i, "self_attn")
+    pre, path = f"model.layers.{i}.self_attn.", _layer_path(cfg, i) + ("self_attn",)
     return [
         (pre + "q_proj.weight", path + ("q_proj",), *_linear((d, h, dh))),
         (pre + "k_proj.weight", path + ("k_proj",), *_linear((d, k, dh))),
@@ -64,7 +71,7 @@ def _attention_rows(cfg: ModelConfig, i: int) -> list[Row]:
 
 def _dense_mlp_rows(cfg: ModelConfig, i: int) -> list[Row]:
     d, f = cfg.hidden_size, cfg.intermediate_size
-    pre, path = f"model.layers.{i}.mlp.", ("layers", i, "mlp")
+    pre, path = f"model.layers.{i}.mlp.", _layer_path(cfg, i) + ("mlp",)
     return [
         (pre + "gate_proj.weight", path + ("gate_proj",), *_linear((d, f))),
         (pre + "up_proj.weight", path + ("up_proj",), *_linear((d, f))),
@@ -75,7 +82,7 @@ def _dense_mlp_rows(cfg: ModelConfig, i: int) -> list[Row]:
 def _moe_mlp_rows(cfg: ModelConfig, i: int) -> list[Row]:
     """Qwen3-MoE: router `mlp.gate` [E, D] and per-expert SwiGLU, stacked on our side [E, ...]."""
     d, f, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-    pre, path = f"model.layers.{i}.mlp.", ("layers", i, "mlp")
+    pre, path = f"model.layers.{i}.mlp.", _layer_path(cfg, i) + ("mlp",)
     rows = [(pre + "gate.weight", path + ("router",), *_linear((d, n)))]
     for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
         for e in range(n):
@@ -93,7 +100,7 @@ def mapping(cfg: ModelConfig) -> list[Row]:
     if not cfg.tie_word_embeddings:
         rows.append(("lm_head.weight", ("lm_head",), lambda w: w.T, lambda w: w.T))
     for i in range(cfg.num_layers):
-        pre, path = f"model.layers.{i}.", ("layers", i)
+        pre, path = f"model.layers.{i}.", _layer_path(cfg, i)
         rows += [
             (pre + "input_layernorm.weight", path + ("input_layernorm", "weight"), *_same),
             (
@@ -120,15 +127,39 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def _stacked_path(path):
-    """MoE expert rows address (..., name, e): the params leaf is (..., name) stacked on axis 0."""
+def _split_path(path):
+    """(params leaf path, layer index b or None, expert index e or None) of a mapping path:
+    a layer row ("layers", j, b, ...) is entry b of leaf ("layers", j, ...); an expert row
+    (..., name, e) entry e of leaf (..., name)."""
+    layer = None
+    if path[0] == "layers":
+        path, layer = path[:2] + path[3:], path[2]
     if (
         len(path) >= 2
         and isinstance(path[-1], int)
         and path[-2] in ("gate_proj", "up_proj", "down_proj")
     ):
-        return path[:-1], path[-1]
-    return path, None
+        return path[:-1], layer, path[-1]
+    return path, layer, None
+
+
+def _without_leading(sharding, ndim: int):
+    """The sharding of one entry of an array sharded by `sharding` along its leading axis
+    (which the rules replicate: "layers")."""
+    spec = tuple(sharding.spec) + (None,) * (ndim + 1 - len(sharding.spec))
+    if spec[0] is not None:
+        raise ValueError(f"a stacked layers axis must be replicated, got spec {sharding.spec}")
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+
+@functools.lru_cache(maxsize=64)
+def _writer(sharding):
+    """jit: buf [L, ...] with entry b replaced by x [...], in place (buf donated)."""
+
+    def write(buf, x, b):
+        return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), b, 0)
+
+    return jax.jit(write, donate_argnums=0, out_shardings=sharding)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -169,7 +200,7 @@ def _iter_tensors(hf_dir: str) -> Iterator[tuple[str, jax.Array]]:
 def load_params(cfg: ModelConfig, hf_dir: str, shardings=None):
     """Reads HF safetensors into a params tree of `cfg`'s shapes (optionally placed by
     `shardings`, a params-shaped tree of `jax.sharding.Sharding`): one tensor in host memory at
-    a time."""
+    a time. Per-layer tensors are written into their stacked leaf in place (on its devices)."""
     _, abstract = abstract_model(cfg)
     rows = {name: (path, to_ours) for name, path, to_ours, _ in mapping(cfg)}
     params = jax.tree.map(lambda _: None, abstract)
@@ -184,24 +215,33 @@ def load_params(cfg: ModelConfig, hf_dir: str, shardings=None):
             raise ValueError(f"unexpected tensor {name!r} in {hf_dir!r} for a {cfg.family} model")
         seen.add(name)
         path, to_ours = rows[name]
-        leaf_path, expert = _stacked_path(path)
+        leaf_path, layer, expert = _split_path(path)
         target = _get(abstract, leaf_path)
+        shape = target.shape[1:] if layer is not None else target.shape
         value = to_ours(tensor)
         if expert is not None:
-            experts.setdefault(leaf_path, {})[expert] = value
-            if len(experts[leaf_path]) < cfg.num_experts:
+            key = (leaf_path, layer)
+            experts.setdefault(key, {})[expert] = value
+            if len(experts[key]) < cfg.num_experts:
                 continue
-            stacked = experts.pop(leaf_path)
+            stacked = experts.pop(key)
             value = jnp.stack([stacked[e] for e in range(cfg.num_experts)])
-        if value.shape != target.shape:
+        if value.shape != shape:
             raise ValueError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, which maps to "
-                f"{value.shape} but the config expects {target.shape}"
+                f"{value.shape} but the config expects {shape}"
             )
         value = value.astype(target.dtype)
-        if shardings is not None:
-            value = jax.device_put(value, _get(shardings, leaf_path))
-        _set(params, leaf_path, value)
+        sharding = None if shardings is None else _get(shardings, leaf_path)
+        if layer is None:
+            _set(params, leaf_path, value if sharding is None else jax.device_put(value, sharding))
+            continue
+        if sharding is not None:
+            value = jax.device_put(value, _without_leading(sharding, len(shape)))
+        buf = _get(params, leaf_path)
+        if buf is None:
+            buf = jnp.zeros(target.shape, target.dtype, device=sharding)
+        _set(params, leaf_path, _writer(sharding)(buf, value, layer))
     missing = sorted(set(rows) - seen)
     if missing:
         raise ValueError(f"{len(missing)} tensors missing from {hf_dir!r}, e.g. {missing[:3]}")
@@ -235,8 +275,10 @@ def save_hf(
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
     tensors: dict[str, np.ndarray] = {}
     for name, path, _, to_hf in mapping(cfg):
-        leaf_path, expert = _stacked_path(path)
+        leaf_path, layer, expert = _split_path(path)
         value = _get(params, leaf_path)
+        if layer is not None:
+            value = value[layer]
         if expert is not None:
             value = value[expert]
         tensors[name] = np.asarray(jax.device_get(to_hf(value)).astype(out_dtype))

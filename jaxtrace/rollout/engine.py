@@ -69,7 +69,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrace.models import causal_mask, decode_mask, init_cache, positions_from_valid
+from jaxtrace.models import (
+    causal_mask,
+    decode_mask,
+    init_cache,
+    is_kv,
+    pad_cache_slots,
+    positions_from_valid,
+    take_cache_rows,
+)
+from jaxtrace.models.qwen3 import CACHE_ROW_AXIS
 from jaxtrace.rollout import layout
 from jaxtrace.rollout.sampler import SamplingConfig, _top_p_filter, sample_categorical
 
@@ -197,18 +206,20 @@ def _segment(
     row = jnp.maximum(slot_row_S, 0)
     src = row // n  # the slot's prompt
 
+    # Cache leaves are [layers, slots, ...] (`init_cache`); the prefix's [layers, prompts, ...].
     def take_prompt(c, pre):
-        head = jnp.where(fresh_S[:, None, None, None], pre[src].astype(c.dtype), c[:, :, :p])
-        return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0))
+        fresh = fresh_S[None, :, None, None, None]
+        head = jnp.where(fresh, pre[:, src].astype(c.dtype), c[:, :, :, :p])
+        return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0, 0))
 
     def take_state(c, pre):  # a hybrid layer's constant-size state, one per row
         pick = lambda x, y: jnp.where(  # noqa: E731
-            fresh_S.reshape((-1,) + (1,) * (x.ndim - 1)), y[src].astype(x.dtype), x
+            fresh_S.reshape((1, -1) + (1,) * (x.ndim - 2)), y[:, src].astype(x.dtype), x
         )
         return jax.tree.map(pick, c, pre)
 
     cache = [
-        {k: take_prompt(c[k], pre[k]) for k in c} if _is_kv(c) else take_state(c, pre)
+        {k: take_prompt(c[k], pre[k]) for k in c} if is_kv(c) else take_state(c, pre)
         for c, pre in zip(slots["cache"], prefix)
     ]
     t = jnp.where(fresh_S, 1, slots["t"])
@@ -248,18 +259,13 @@ def _segment(
     return {"cache": cache, "t": t, "token": token, "done": done}, outputs
 
 
-def _is_kv(layer_cache) -> bool:
-    return isinstance(layer_cache, dict)  # else a hybrid layer's HybridState
-
-
 def _grow(slots, length: int):
-    pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))  # noqa: E731
-    grown = [{k: pad(c) for k, c in lyr.items()} if _is_kv(lyr) else lyr for lyr in slots["cache"]]
-    return dict(slots, cache=grown)
+    return dict(slots, cache=pad_cache_slots(slots["cache"], length))
 
 
 def _compact(slots, idx_S):
-    return jax.tree.map(lambda x: x[idx_S], slots)
+    rest = jax.tree.map(lambda x: x[idx_S], {k: v for k, v in slots.items() if k != "cache"})
+    return dict(rest, cache=take_cache_rows(slots["cache"], idx_S))
 
 
 def _finish(cfg: SamplingConfig, prompt_BxP, valid_BxP, outputs):
@@ -298,9 +304,10 @@ def _placed(kind: str, out_sharding):
 
 
 def slot_sharding(params, slots: int):
-    """The slot arrays' placement: their leading (slot) axis split over the batch axes of the
-    params' mesh when `slots` divides evenly, else None (no mesh, or replicated).
-    (A cache stacked per layer, [layers, slots, ...], would split its axis 1 instead.)"""
+    """The slot arrays' placement (a prefix of `_empty_slots`' tree): their slot axis split over
+    the batch axes of the params' mesh when `slots` divides evenly - axis 0 of the per-slot
+    vectors, axis 1 (`CACHE_ROW_AXIS`) of the cache, stacked per layer as [layers, slots, ...] -
+    else None (no mesh, or replicated)."""
     from jaxtrace import sharding  # noqa: PLC0415
 
     placed = getattr(jax.tree.leaves(params)[0], "sharding", None)
@@ -309,7 +316,10 @@ def slot_sharding(params, slots: int):
     mesh = placed.mesh
     if math.prod(mesh.shape.values()) < 2 or slots % sharding.data_parallel_size(mesh):
         return None
-    return sharding.batch_sharding(mesh, 1)
+    rows = sharding.batch_sharding(mesh, 1)
+    spec = jax.sharding.PartitionSpec(*[None] * CACHE_ROW_AXIS, *rows.spec)
+    cache = jax.sharding.NamedSharding(mesh, spec)
+    return {"cache": cache, "t": rows, "token": rows, "done": rows}
 
 
 def _to_host(x):

@@ -19,7 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrace.models import decode_mask, init_cache, positions_from_valid, prefill_mask
+from jaxtrace.models import (
+    decode_mask,
+    init_cache,
+    positions_from_valid,
+    prefill_mask,
+    repeat_cache_rows,
+)
 
 SAMPLE_BLOCK = 512  # vocabulary block of `sample_categorical`
 
@@ -161,7 +167,7 @@ def generate(
     )
     hidden = hidden[:, -1:]
     if n > 1:
-        hidden, cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), (hidden, cache))
+        hidden, cache = jnp.repeat(hidden, n, axis=0), repeat_cache_rows(cache, n)
     rng, step_rng = jax.random.split(rng)
     token, logp = _choose(model.logits(hidden)[:, 0], step_rng, cfg)
     num_prompt = valid.sum(axis=1).astype(jnp.int32)
