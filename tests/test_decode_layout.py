@@ -224,8 +224,8 @@ def test_slots_are_split_over_the_batch_axes():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
     params = jax.device_put({"w": jnp.ones(4)}, sharding.replicated(mesh))
     s = engine.slot_sharding(params, 16)
-    assert s["t"].spec == P(("data", "fsdp"))
-    assert s["cache"].spec == P(None, ("data", "fsdp"))  # [layers, slots, ...]: slots split
+    assert s[0].spec == P(("data", "fsdp"))
+    assert s[1].spec == P(None, ("data", "fsdp"))  # cache [layers, slots, ...]: slots split
     assert engine.slot_sharding(params, 12) is None
     assert engine.slot_sharding({"w": jnp.ones(4)}, 16) is None  # one device
     slots = engine._placed("empty", s)(CFG, 16, 24)

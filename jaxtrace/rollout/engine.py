@@ -294,8 +294,13 @@ _finish_jit = jax.jit(_finish, static_argnums=0)
 
 
 @functools.cache
-def _placed(kind: str, out_sharding):
-    """The slot-batch jits with their outputs on `out_sharding` (None: where XLA puts them)."""
+def _placed(kind: str, placement):
+    """The slot-batch jits with their outputs on `placement` (`slot_sharding`; None: where XLA
+    puts them)."""
+    out_sharding = None
+    if placement is not None:
+        rows, cache = placement
+        out_sharding = {"cache": cache, "t": rows, "token": rows, "done": rows}
     if kind == "empty":
         return jax.jit(_empty_slots, static_argnums=(0, 1, 2), out_shardings=out_sharding)
     if kind == "grow":
@@ -304,7 +309,7 @@ def _placed(kind: str, out_sharding):
 
 
 def slot_sharding(params, slots: int):
-    """The slot arrays' placement (a prefix of `_empty_slots`' tree): their slot axis split over
+    """The slot arrays' placement, (per-slot vectors, cache) shardings: their slot axis split over
     the batch axes of the params' mesh when `slots` divides evenly - axis 0 of the per-slot
     vectors, axis 1 (`CACHE_ROW_AXIS`) of the cache, stacked per layer as [layers, slots, ...] -
     else None (no mesh, or replicated)."""
@@ -319,7 +324,7 @@ def slot_sharding(params, slots: int):
     rows = sharding.batch_sharding(mesh, 1)
     spec = jax.sharding.PartitionSpec(*[None] * CACHE_ROW_AXIS, *rows.spec)
     cache = jax.sharding.NamedSharding(mesh, spec)
-    return {"cache": cache, "t": rows, "token": rows, "done": rows}
+    return rows, cache
 
 
 def _to_host(x):
