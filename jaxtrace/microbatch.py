@@ -11,10 +11,11 @@ Layout. A batch has G prompt rows and R = G * k rows per response (k = 1 when pr
 shared); every leaf's leading axis is G or a multiple of it (one row per response, or per prompt).
 Micro-batch i takes the whole groups i, i + M, i + 2M, ... (interleaved, not contiguous): a batch
 split over D data-parallel devices (contiguous rows per device) then gives every micro-batch
-G / (M * D) groups of each device's shard, so the split is a local reshape and each micro-batch
-still runs on every device. Under a mesh (`jax.set_mesh`, as the trainer and the AOT tool run)
-each micro-batch's rows are also constrained to the data-parallel axes, so a micro-batch too
-small for that locality is resharded (its token ids, cheaply) rather than left on a few devices.
+G / (M * D) groups of each device's shard when D divides G / M, so the split is a local reshape
+and each micro-batch still runs on every device. Under a mesh (`jax.set_mesh`, as the trainer
+and the AOT tool run) each micro-batch's rows are also constrained to the data-parallel axes, so
+a micro-batch too small for that locality is resharded (its token ids, cheaply) rather than left
+on a few devices.
 `merge` puts per-row outputs back in the batch's order.
 
 Sizes. `micro_batch_rows` counts response rows per micro-batch: 0 = the whole batch; otherwise

@@ -341,3 +341,26 @@ def test_aot_compiles_micro_batched_step_on_a_mesh():
     assert "micro-batches of 8 rows" in progs["rl_step"].what
     result = aot.compile_program(progs["rl_step"], mesh)
     assert result.status == "ok", result.message
+
+
+def test_fp32_grad_sums_are_sharded_like_the_params():
+    """Under FSDP the scan's float32 gradient sums stay sharded (a replicated copy of every
+    gradient would cost the whole model in fp32 per device): in the compiled step the embedding
+    [512, 128] (bf16, split 8 ways on its second axis) appears in fp32 only as its [512, 16]
+    shard."""
+    from jaxtrace import aot
+    from jaxtrace.config import base
+
+    c = base()
+    c.algo.name = "grpo"
+    c.model.update(num_layers=1, param_dtype="bfloat16", dtype="bfloat16")
+    c.rollout.update(prompts_per_step=8, group_size=4, max_new_tokens=8)
+    c.mesh.update(data=1, fsdp=-1)
+    c.train.micro_batch_rows = 16
+    mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:8])
+    prog = {p.name: p for p in aot.programs(aot.with_placeholders(c), mesh)}["rl_step"]
+    embed = prog.args[0]["params"]["embed_tokens"]
+    assert embed.shape == (512, 128) and embed.dtype == jnp.bfloat16
+    with sharding.mesh_context(mesh):
+        hlo = prog.fn.lower(*prog.args).compile().as_text()
+    assert "f32[512,16]" in hlo and "f32[512,128]" not in hlo
