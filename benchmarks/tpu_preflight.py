@@ -51,8 +51,8 @@ RUNS = [
 
 
 HEADER = (
-    "| config | topology | N | program | verdict | HBM GiB per chip (of) | TFLOP/chip "
-    "| MFU bound | compile s |\n|---|---|---|---|---|---|---|---|---|"
+    "| config | topology | N | program | verdict | HBM GiB per chip (of) | XLA TFLOP/chip "
+    "| model TFLOP/chip | compile s |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -85,24 +85,20 @@ def fits(prog, chip) -> bool:
 
 def table_rows(config, topology, length, result):
     hbm = result["chip"]["hbm_bytes"] / 2**30
-    peak = result["chip"]["peak_flops"]
     rows = []
     for prog in result["programs"]:
-        mfu = ""
+        model = ""
         if prog["status"] == "ok":
             verdict = "fits" if fits(prog, result["chip"]) else "no"
             mem = f"{prog['total_bytes'] / 2**30:.1f} / {hbm:.1f}"
             flops = f"{prog['flops'] / 1e12:.1f}"
-            roof = max(
-                prog["flops"] / peak, prog["bytes_accessed"] / result["chip"]["hbm_bandwidth"]
-            )
-            if prog.get("model_flops") and roof > 0:
-                mfu = f"{100 * prog['model_flops'] / (roof * peak):.0f}%"
+            if prog.get("model_flops"):
+                model = f"{prog['model_flops'] / 1e12:.0f}"
         else:
             verdict, mem, flops = prog["status"], prog["message"][:110], ""
         rows.append(
             f"| {config} | {topology} | {length} | {prog['name']} | {verdict} | {mem} | {flops} "
-            f"| {mfu} | {prog['compile_s']:.0f} |"
+            f"| {model} | {prog['compile_s']:.0f} |"
         )
     return rows
 

@@ -10,6 +10,17 @@
 
 Variants after ':' (shared with the other Qwen3 configs): trace (default), trace_rkl, grpo, dapo,
 drgrpo, opsd, trace_online (self-annotation instead of the API annotator).
+
+Responses of up to 8,192 tokens (Qwen3 thinking on math runs 4k-16k). The update runs over
+micro-batches of `train.micro_batch_rows` rows (one GRPO group of 8), gradients accumulated in
+fp32, one optimizer step per mini-batch; the layers run under scan with full remat; attention is
+splash on TPU. Rollouts decode in slots whose KV cache fits `rollout.cache_budget_gib` per chip.
+Check a change on a CPU host first: `python -m jaxtrace.compile --config=<this> --topology=v5p-8`
+prints every program's HBM per chip (benchmarks/tpu_preflight.py --lengths finds the longest
+response that fits). To go to 16k: `--config.rollout.max_new_tokens=16384`; the micro-batch is
+already one group, so the activations per chip double - on a slice where that does not fit, give
+the step more chips (a larger slice: the rows split over more of them) or set
+`--config.model.remat=full` (the default here) and shorten the privileged prompt.
 """
 
 from jaxtrace import config as base_config
@@ -17,7 +28,7 @@ from jaxtrace import config as base_config
 
 def qwen3_config(preset: str, arg=None, *, fkl: bool = True):
     c = base_config.base()
-    c.model = base_config.model_dict(preset, dtype="bfloat16", param_dtype="float32", remat=True)
+    c.model = base_config.model_dict(preset, dtype="bfloat16", param_dtype="float32", remat="full")
     c.data.task = "gsm8k"
     c.data.template = "qwen_chat"
     c.data.num_train = 0
@@ -27,7 +38,7 @@ def qwen3_config(preset: str, arg=None, *, fkl: bool = True):
         group_size=8,
         max_prompt_len=512,
         max_privileged_len=1536,
-        max_new_tokens=2048,
+        max_new_tokens=8192,
         temperature=1.0,
     )
     c.algo.update(
@@ -41,6 +52,9 @@ def qwen3_config(preset: str, arg=None, *, fkl: bool = True):
     )
     c.optim.update(lr=1e-6, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)
     c.train.update(steps=300, log_every=1, eval_every=50, ckpt_every=25, keep_ckpts=3)
+    # One group per micro-batch: at 8k tokens a row's activations are ~12 GiB per chip on v5p-8
+    # (AOT, remat full), so 8 rows (2 per chip) is what fits beside the state.
+    c.train.micro_batch_rows = 8
     c.eval.update(num_samples=4, temperature=0.6, batch_size=256)
     # TPU: FSDP over every chip; switch to {"fsdp": -1, "tensor": 4} past one host of 8B.
     c.mesh.update(data=1, fsdp=-1, tensor=1)
