@@ -18,8 +18,8 @@ topology; no TPU is needed). One table: compiled or the first error line, per-ch
 per chip, and for the training programs the model FLOPs per chip (`jaxtrace.flops`) and the time
 they take at the chip's peak (the step time at 100% MFU, published chip figures), and compile
 seconds. XLA's cost analysis counts a loop body once - the layers under scan, the micro-batches -
-so its FLOPs are per body, not per step; `benchmarks/tpu_mfu.py` compiles an unrolled copy of a
-step for the roofline estimate of MFU.
+so its FLOPs are per body, not per step (a roofline estimate of MFU needs a loop-free copy of
+the step: `--config.model.scan_layers=False --config.train.micro_batch_rows=0` at a small batch).
 
 Exit codes: 0 every program compiled and fits; 1 some program failed to compile or does not
 fit; 2 bad flags, config or topology, or libtpu missing.
