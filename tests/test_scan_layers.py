@@ -125,7 +125,7 @@ def test_cached_prefill_and_decode_equal_full_forward(name):
         params,
         tokens[:, :-1],
         positions[:, :-1],
-        mask[:, :-1],
+        models.prefill_mask(valid[:, :-1], t),
         cache=cache,
         cache_index=0,
     )
@@ -134,7 +134,7 @@ def test_cached_prefill_and_decode_equal_full_forward(name):
         params,
         tokens[:, -1:],
         positions[:, -1:],
-        mask[:, -1:],
+        models.decode_mask(valid, jnp.full((b,), t - 1)),
         cache=cache,
         cache_index=jnp.full((b,), t - 1),
     )
