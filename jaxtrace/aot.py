@@ -177,6 +177,19 @@ def _with_rows(mesh, tree):
     return jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), tree)
 
 
+def _cache_with_rows(mesh, cache):
+    """An abstract KV cache as the engine places it (`engine.slot_sharding`): every leaf is
+    [layers, rows, ...] (`init_cache`), split over the data axes on its row axis."""
+    from jaxtrace.models.qwen3 import CACHE_ROW_AXIS  # noqa: PLC0415
+
+    def place(x):
+        rows = _rows(mesh, x.shape[CACHE_ROW_AXIS:], x.dtype).sharding
+        spec = PartitionSpec(*[None] * CACHE_ROW_AXIS, *rows.spec)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, cache)
+
+
 def _rng(mesh):
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
@@ -222,11 +235,12 @@ def sampler_programs(
     prefill = jax.jit(functools.partial(engine_lib._prefill, graphdef, cfg))  # `_prefill_jit`
     prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
     empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
+    empty = {**_with_rows(mesh, empty), "cache": _cache_with_rows(mesh, empty["cache"])}
     seg_args = (
         params,
-        _with_rows(mesh, empty),
+        empty,
         _with_rows(mesh, outputs),
-        _with_rows(mesh, prefix),
+        _cache_with_rows(mesh, prefix),
         valid,
         _with_rows(mesh, token0),
         _with_rows(mesh, keys),
