@@ -61,6 +61,9 @@ def qwen3_config(preset: str, arg=None, *, fkl: bool = True):
     # Rollouts decode on a bf16 copy of the weights, whole on every chip (1.7B: 3.4 GB), the
     # rows split over the chips; the KV cache of the decode slots within rollout.cache_budget_gib.
     c.rollout.decode_layout = "replicated"
+    # 10 GiB of KV cache per chip: the largest decode segment then fits v6e's 32 GiB (AOT: 23.9
+    # GiB for rollouts, 28.9 for eval at 8k on v6e-8; 16 GiB needed 36.2) and v5p's 96 GiB.
+    c.rollout.cache_budget_gib = 10.0
     c.verifier.num_workers = 8
     variant = arg or "trace"
     if variant == "trace_rkl":
