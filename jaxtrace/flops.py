@@ -37,10 +37,6 @@ def _layer_matmul_params(cfg: ModelConfig, layer: int) -> int:
     return attn + mlp
 
 
-def _is_hybrid(cfg: ModelConfig, layer: int) -> bool:
-    return cfg.family == "qwen3_hybrid" and layer in cfg.hybrid_layers
-
-
 def _seen_keys(prefix: int, length: int, window: int | None) -> float:
     """Sum over the `length` tokens of a causal run that follows `prefix` visible keys of the
     keys each sees (itself included), capped at `window` when given."""
@@ -59,7 +55,7 @@ def forward_flops(cfg: ModelConfig, rows: int, prefix: int, length: int, head_to
     total = 2.0 * cfg.hidden_size * cfg.vocab_size * head_tokens
     for layer in range(cfg.num_layers):
         total += 2.0 * _layer_matmul_params(cfg, layer) * tokens
-        window = cfg.hybrid_window if _is_hybrid(cfg, layer) else None
+        window = cfg.hybrid_window if cfg.is_hybrid_layer(layer) else None
         keys = rows * _seen_keys(prefix, length, window)
         total += 4.0 * cfg.num_heads * cfg.head_dim * keys
         if window is not None:  # the linear state: read and update, per head and token
