@@ -60,6 +60,13 @@ def test_rl_step_flops_near_xla_count(g, k):
     # Wide enough that matmuls dominate, as at real scale. XLA counts the whole attention
     # rectangle (the model count only the causal part) and elementwise work, so it is a bit
     # above; a missing backward pass or LM head would put the model count far below.
-    cfg = preset("tiny").replace(hidden_size=256, intermediate_size=768, num_layers=2)
+    # Loop-free (XLA counts a loop body once): layers unrolled, dense attention.
+    cfg = preset("tiny").replace(
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=2,
+        scan_layers=False,
+        attention_impl="dense",
+    )
     xla, model = _rl_step_xla_flops(cfg, g, k, 16, 16)
     assert 1.0 <= xla / model < 1.4, (xla, model)
