@@ -72,10 +72,10 @@ def test_reshard_gives_the_layout_and_leaves_the_params_alone(name):
         assert leaf.dtype == jnp.bfloat16
 
     jax.tree.map(check, models.logical_axes(cfg), copy, is_leaf=lambda x: isinstance(x, tuple))
-    q = copy["layers"][0]["self_attn"]["q_proj"]  # [d, heads, head_dim]
+    q = copy["layers"][0]["self_attn"]["q_proj"]  # [layers, d, heads, head_dim], layers stacked
     shard = q.addressable_shards[0].data.shape
     want = {"train": (32, 2, 16), "replicated": (64, 4, 16), "tensor": (64, 2, 16)}[name]
-    assert shard == want
+    assert shard == (CFG.num_layers, *want)
     # The training params: same values, dtype and placement, still alive.
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
         assert not a.is_deleted() and a.dtype == jnp.float32
