@@ -47,7 +47,7 @@ train-grpo: $(STAMP)
 		--config.workdir=runs/tiny_grpo $(ARGS)
 
 test: $(TEST_STAMP) $(TPU_STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile --durations=30 tests
 
 test-fast: $(TEST_STAMP) $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests

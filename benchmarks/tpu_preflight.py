@@ -43,6 +43,7 @@ RUNS = [
     ("qwen3_1p7b_dapo", V5P_8, PALLAS, STUDENT),
     ("qwen3_1p7b_opsd", V5P_8, PALLAS, TEACHER),
     ("qwen3_1p7b_trace_online", V5P_8, PALLAS, ONLINE),
+    ("qwen3_8b_trace:trace_rkl", V5P_64, PALLAS, TEACHER),
     ("qwen3_8b_grpo", V5P_64, PALLAS, STUDENT),
     ("qwen3_8b_dapo", V5P_64, PALLAS, STUDENT),
     ("qwen3_8b_opsd", V5P_64, PALLAS, TEACHER),
@@ -57,8 +58,9 @@ HEADER = (
 
 
 def command(config, topology, extra, json_path):
+    name, sep, variant = config.partition(":")  # a variant of a config file: name:variant
     return [
-        sys.executable, "-m", "jaxtrace.compile", f"--config=configs/{config}.py",
+        sys.executable, "-m", "jaxtrace.compile", f"--config=configs/{name}.py{sep}{variant}",
         f"--topology={topology}", *extra, f"--json={json_path}",
     ]  # fmt: skip
 
