@@ -325,6 +325,30 @@ def test_eval_tiny(tiny_run, workspace):
 
 
 @pytest.mark.slow
+def test_eval_decodes_on_a_mesh_and_names_a_bad_one(tiny_run, workspace):
+    """On 8 devices the eval CLI restores the params onto the run's mesh (data=-1) and splits
+    each batch over it: the greedy answers, so the scores, are those of one device."""
+    _ok(tiny_run)
+    ws, env = workspace
+    env8 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+    def run(*flags):
+        cmd = [sys.executable, "-m", "jaxtrace.eval", "--ckpt=runs/tiny/ckpt", *flags]
+        return subprocess.run(cmd, cwd=ws, env=env8, capture_output=True, text=True, timeout=600)
+
+    def score_row(out):
+        return next(s.split() for s in out.splitlines() if s.strip().startswith("arithmetic"))
+
+    one = _ok(run_command(EVAL_TINY, workspace))
+    for flags in ([], ["--mesh=data=2,fsdp=-1"]):
+        assert score_row(_ok(run("--sets=arithmetic", *flags))) == score_row(one)
+    for bad, named in [("--mesh=tensor=3", "--mesh"), ("--mesh=data", "--mesh='data'")]:
+        proc = run("--sets=arithmetic", bad)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_export_tiny(tiny_run, workspace):
     _ok(tiny_run)
     out = _ok(run_command(EXPORT_TINY, workspace))
