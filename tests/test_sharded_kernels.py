@@ -3,6 +3,8 @@ Triton kernels cannot be partitioned by XLA) and must give the unsharded op's va
 gradients. Interpret mode on 8 CPU devices, odd token counts, every mesh layout the configs use
 (data / fsdp / tensor, and the expert axis)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,38 @@ def test_span_kl_on_a_mesh(num_tokens, axes):
         ws = jax.device_put(w, NamedSharding(mesh, P(axes[1], "tensor")))
         got = jax.jit(grad, static_argnums=2)(hs, ws, "interpret")
     _close(got, want)
+
+
+@pytest.mark.parametrize("num_tokens", [200, 37])
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])  # every non-reference name runs one path
+def test_token_logprobs_on_a_mesh_runs_on_each_devices_tokens(num_tokens, impl):
+    """The chunked log-prob op on a mesh: each device loops over its own token blocks (under
+    shard_map), values and gradients as without a mesh; its program holds no gathered copy of
+    every token's hidden state."""
+    mesh = _mesh(MESHES[0])
+    d, v = 64, 300
+    k = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(k[0], (num_tokens, d))
+    w = jax.random.normal(k[1], (d, v)) * 0.3
+    targets = jax.random.randint(k[2], (num_tokens,), 0, v)
+
+    def loss(h, w, impl):
+        logp, entropy = span_kl.token_logprobs(h, w, targets, implementation=impl, block_t=16)
+        return jnp.sum(logp**2) + jnp.sum(entropy)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    want = grad(h, w, "reference")
+    with jax.set_mesh(mesh):
+        rows = ("data", "fsdp") if num_tokens % 4 == 0 else None
+        hs = jax.device_put(h, NamedSharding(mesh, P(rows, None)))
+        ws = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor")))
+        step = jax.jit(grad, static_argnums=2)
+        got = step(hs, ws, impl)
+        hlo = step.lower(hs, ws, impl).compile().as_text()
+    _close(got, want)
+    if rows:  # every token on every device: what XLA did with the loop on the global array
+        gathered = re.findall(rf"f32\[{num_tokens},{d}\][^\n]* all-gather\(", hlo)
+        assert not gathered, gathered
 
 
 @pytest.mark.parametrize("axes", MESHES)

@@ -319,7 +319,8 @@ def token_logprobs(h_TxD, w_DxV, targets_T, *, implementation=None, block_t=None
       h_TxD: hidden states [T, D]; w_DxV: unembedding [D, V]; targets_T: int [T] in [0, V)
         (an out-of-range target gives logp = -lse, i.e. a logit of 0).
       implementation: "reference" materialises logits; every other value (and None) runs the
-        chunked XLA path, which is also what Pallas backends use (no dedicated kernel yet).
+        chunked XLA path, which is also what Pallas backends use (no dedicated kernel yet). On a
+        mesh (`jax.set_mesh`) it runs under shard_map on each device's tokens, as `span_kl`.
     Returns:
       (logp_T, entropy_T), float32 [T] each. Both are differentiable w.r.t. h and W (the
       entropy gradient is exact, -p (log p + H); wrap it in stop_gradient if it is only a
@@ -339,5 +340,18 @@ def token_logprobs(h_TxD, w_DxV, targets_T, *, implementation=None, block_t=None
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
     dtype = jnp.result_type(h_TxD, w_DxV)
     target_Tx1 = targets_T.astype(jnp.int32)[:, None]
-    logp, entropy = _logp_core(cfg, h_TxD.astype(dtype), w_DxV.astype(dtype), target_Tx1)
+    local = functools.partial(_logp_core, cfg)
+    h, w = h_TxD.astype(dtype), w_DxV.astype(dtype)
+    mesh = _mesh.context_mesh()
+    if mesh is None:
+        logp, entropy = local(h, w, target_Tx1)
+    else:
+        # The token-block loop runs on each device's own tokens (W gathered whole, its gradient
+        # summed over the shards): on the global array XLA partitions the loop's dynamic slices
+        # by gathering every token to every device.
+        tok = _mesh.spec_entry(_mesh.split_axes(mesh, num_tokens))
+        rows = P(tok, None)
+        logp, entropy = _mesh.shard_map(local, mesh, (rows, P(), rows), (rows, rows))(
+            h, w, target_Tx1
+        )
     return logp[:, 0], entropy[:, 0]
