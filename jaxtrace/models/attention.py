@@ -244,6 +244,11 @@ def _flash(q, k, v, kv_valid, q_slot, bq, bk):
 
 def _flash_fwd(q, k, v, kv_valid, q_slot, bq, bk):
     """q [B, K, G, Tp, D], k / v [B, K, Sp, D] (Tp, Sp multiples of bq, bk) -> o, residuals."""
+    # One barrier over every input: when this runs inside a differentiated scan (the layers) with
+    # q varying and the masks loop-invariant, JAX's partial evaluation would otherwise split the
+    # block loops, precompute the mask-only work and save it per (query block, key block, layer)
+    # - O(T^2) residuals, the very memory this path exists to avoid.
+    q, k, v, kv_valid, q_slot = jax.lax.optimization_barrier((q, k, v, kv_valid, q_slot))
     scale = q.shape[-1] ** -0.5
     kv_xs = (_blocks(k, 2, bk), _blocks(v, 2, bk), _blocks(kv_valid, 1, bk))
     starts = jnp.arange(k.shape[2] // bk, dtype=jnp.int32) * bk
