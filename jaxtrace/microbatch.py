@@ -145,8 +145,9 @@ def activation_bytes_per_row(model_cfg, prompt_len: int, response_len: int) -> i
 
       one layer   T * (4D + (2H + 2Hkv) * hd + 3F) * b   (norms / residuals, q, k, v, attention
                   output, MLP gate / up / activation; F = K * moe width for MoE layers)
-                  + 2 * H * T^2 * 4   (the dense attention's float32 scores and probabilities;
-                  drop it under a flash-style attention)
+                  + 2 * H * T^2 * 4 when the attention is dense (float32 scores and
+                  probabilities); the chunked path instead adds 3 * H * block^2 * 4 once (its
+                  backward's float32 blocks); splash keeps its blocks in VMEM
       remat:      L * T * 2D * b (each layer's saved input) + 2 * one layer (the layer being
                   recomputed and its gradients, one layer at a time)
       no remat:   (L + 1) * one layer (every layer's internals kept for the backward pass)
@@ -158,13 +159,12 @@ def activation_bytes_per_row(model_cfg, prompt_len: int, response_len: int) -> i
 
     Calibration (`benchmarks/microbatch_memory.py`: the slope of XLA's temporaries between
     micro-batches of 8 and 16 rows, 4 layers d=256 H=4, P=64, CPU host): estimate / measured =
-    0.92 at N=192 and 0.84 at N=512 without remat; 0.46 with remat, where the CPU compiler keeps
-    about as much as without it (30.7 vs 32.5 MiB per row), so the remat branch is not
-    calibrated there. Against the TPU figures in issue 15 (Qwen3-1.7B, remat, P=512 N=2048,
-    v5p-8: 192.5 GiB of temporaries per chip at 512 rows, ~61 GiB at 64) the estimate, 2.42 GiB
-    per row, is about 2x their slope (~1.2 GiB per row), i.e. on the safe side; check a chosen
-    size with the AOT tool (`python -m jaxtrace.compile`).
+    1.02 / 1.09 / 0.80 with remat at N = 192 / 512 / 1984; without remat 0.76 / 0.63 at
+    N = 192 / 512 (XLA:CPU keeps more of each layer than counted here). On TPU check a chosen
+    size with the AOT tool (`python -m jaxtrace.compile --config.train.micro_batch_rows=R`).
     """
+    from jaxtrace.models.attention import default_implementation  # noqa: PLC0415
+
     c = model_cfg
     b = jnp.dtype(c.compute_dtype).itemsize
     t = prompt_len + response_len
@@ -172,10 +172,17 @@ def activation_bytes_per_row(model_cfg, prompt_len: int, response_len: int) -> i
     if c.family == "qwen3_moe":
         width = max(width, c.num_experts_per_tok * c.moe_intermediate_size)
     qkvo = (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-    layer = t * (4 * c.hidden_size + qkvo + 3 * width) * b + 2 * c.num_heads * t * t * 4
-    if c.remat:
-        return int(c.num_layers * t * 2 * c.hidden_size * b + 2 * layer)
-    return int((c.num_layers + 1) * layer)
+    layer = t * (4 * c.hidden_size + qkvo + 3 * width) * b
+    impl = c.attention_impl or default_implementation(t, t, c.attention_block)
+    working = 0  # the chunked backward's float32 blocks (scores, p, dp, ds), one layer at a time
+    if impl == "dense":
+        layer += 2 * c.num_heads * t * t * 4
+    elif impl == "chunked":
+        block = min(c.attention_block, t)
+        working = 3 * c.num_heads * block * block * 4
+    if c.remat != "none":
+        return int(c.num_layers * t * 2 * c.hidden_size * b + 2 * layer + working)
+    return int((c.num_layers + 1) * layer + working)
 
 
 def rows_for_budget(rows: int, group: int, bytes_per_row: int, budget_bytes: float, dp: int = 1):
