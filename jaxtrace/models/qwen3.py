@@ -68,6 +68,26 @@ def write_rows(cache_BxKxSxD, x_BxKx1xD, slot_B):
     return cache_BxKxSxD.at[rows, :, slot_B].set(new, mode="drop")
 
 
+def write_stacked(cache, k_BxKxTxD, v_BxKxTxD, cache_index):
+    """The new keys / values written into layer `cache["layer"]` of the stacked caches
+    `cache["k"]` / `cache["v"]` [layers, B, Hkv, S, Dh] in place: at per-row slots (cache_index
+    [B]; a slot outside [0, S) writes nothing) or at one offset for every row. Slicing the layer
+    out, writing it and putting it back would copy the layer's whole cache twice per step."""
+    a = cache["layer"]
+    out = dict(cache)
+    for name, x in (("k", k_BxKxTxD), ("v", v_BxKxTxD)):
+        stacked = cache[name]
+        if jnp.ndim(cache_index) == 1:
+            rows = jnp.arange(stacked.shape[1])
+            out[name] = stacked.at[a, rows, :, cache_index].set(
+                x[:, :, 0].astype(stacked.dtype), mode="drop"
+            )
+        else:
+            start = (a, 0, 0, cache_index, 0)
+            out[name] = jax.lax.dynamic_update_slice(stacked, x[None].astype(stacked.dtype), start)
+    return out
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, dh, pd = (
@@ -109,7 +129,12 @@ class Attention(nnx.Module):
     ):
         q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
         k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, Hkv, T, Dh], as cached
-        if cache is not None and jnp.ndim(cache_index) == 1:
+        if (
+            cache is not None and "layer" in cache
+        ):  # `run_layers`' stacked cache, this layer's index
+            cache = write_stacked(cache, k, v, cache_index)
+            k, v = (jax.lax.dynamic_index_in_dim(cache[n], cache["layer"], 0, False) for n in "kv")
+        elif cache is not None and jnp.ndim(cache_index) == 1:
             k, v = (write_rows(cache[n], x, cache_index) for n, x in (("k", k), ("v", v)))
             cache = {"k": k, "v": v}
         elif cache is not None:
@@ -243,11 +268,18 @@ def run_layers(cfg: ModelConfig, stacks, x, positions, mask, cache=None, cache_i
         auxs = []
         for q in range(pe):
             layer_params = _index(params[q % pp], q // pp)
-            c = None if cache is None else jax.tree.map(at(a), cache[q])
-            x, c, aux = fns[q](layer_params, x, positions, mask, c)
-            if cache is not None:
-                put = lambda s, v: jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), a, 0)
-                cache[q] = jax.tree.map(put, cache[q], c)
+            if cache is not None and is_kv(cache[q]):
+                # The attention writes into the stacked cache itself (`write_stacked`).
+                x, c, aux = fns[q](layer_params, x, positions, mask, {**cache[q], "layer": a})
+                cache[q] = {"k": c["k"], "v": c["v"]}
+            else:
+                c = None if cache is None else jax.tree.map(at(a), cache[q])
+                x, c, aux = fns[q](layer_params, x, positions, mask, c)
+                if cache is not None:
+                    put = lambda s, v: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+                        s, v.astype(s.dtype), a, 0
+                    )
+                    cache[q] = jax.tree.map(put, cache[q], c)
             auxs.append(aux)
         return x, cache, auxs
 
