@@ -225,7 +225,10 @@ def sampler_programs(
             what += f", in chunks of {chunk} prompts"
         fn, args = _sampler(graphdef, cfg, mesh, params, chunk)
         return [Program(name, fn, args, what + " (static)", resident)]
-    rows = prompts * cfg.num_samples
+    chunk = gen.prompt_chunk(prompts)  # one pass of the engine (the prefix cache budget)
+    if chunk < prompts:
+        what += f", in passes of {chunk} prompts"
+    prompts, rows = chunk, chunk * cfg.num_samples
     slots = gen.slot_cap(rows)
     length = cfg.max_prompt_len + cfg.max_new_tokens
     prompt = _rows(mesh, (prompts, cfg.max_prompt_len), jnp.int32)

@@ -85,6 +85,29 @@ def test_greedy_equals_static_sampler_token_for_token(model):
     assert shapes[0][0] == 3 and shapes[-1][0] == 1, shapes  # and the slot batch shrank
 
 
+def test_prompts_in_passes_equal_one_pass(model):
+    """`max_prompts`: the prompts go in passes of that many (the last padded to the same shape),
+    each holding only its own prompts' prefix cache; greedy output, per-row and per-prompt
+    budgets included, equals the static sampler's; the budget bounds the pass size."""
+    from jaxtrace.rollout import layout
+
+    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=10, greedy=True, num_samples=2)
+    graphdef, params = model
+    tokens, valid = left_pad(PROMPTS, 8)
+    for budget in (None, jnp.asarray([10, 0, 7]), jnp.asarray([10, 3, 0, 1, 9, 10])):
+        want = _host(make_generate(graphdef, cfg)(params, tokens, valid, jax.random.key(0), budget))
+        gen = engine.make_generate(graphdef, cfg, max_prompts=2)
+        assert gen.prompt_chunk(3) == 2
+        _assert_same(want, _host(gen(params, tokens, valid, jax.random.key(0), budget)))
+    one_prompt = layout.slot_cache_bytes(CFG, 8) / layout.GIB
+    assert layout.prompts_for_budget(CFG, 8, 0.0) == 0  # no budget: one pass
+    assert layout.prompts_for_budget(CFG, 8, 12 * one_prompt) == 3  # a quarter of the budget
+    assert layout.prompts_for_budget(CFG, 8, 12 * one_prompt, batch_shards=4) == 12
+    assert layout.prompts_for_budget(CFG, 8, one_prompt, batch_shards=4) == 4  # >= 1 per shard
+    sel = engine.select(graphdef, cfg, CFG, cache_budget_gib=12 * one_prompt)
+    assert isinstance(sel, engine.Engine) and sel.max_prompts == 3
+
+
 def test_sampled_logprobs_equal_full_forward_and_schedule_free(model):
     """Sampled rows: log-probs equal an uncached forward pass, and the rows do not depend on the
     slot count, the buckets or the schedule (per-row randomness)."""

@@ -353,15 +353,17 @@ class Engine:
         min_bucket: int = 64,
         min_slots: int = 8,
         max_slots: int = 0,
+        max_prompts: int = 0,
     ):
-        if num_slots < 0 or max_slots < 0 or min_bucket < 1 or min_slots < 1:
+        if num_slots < 0 or max_slots < 0 or max_prompts < 0 or min_bucket < 1 or min_slots < 1:
             raise ValueError(
-                f"Engine: num_slots={num_slots} and max_slots={max_slots} must be >= 0, "
-                f"min_bucket={min_bucket} and min_slots={min_slots} >= 1"
+                f"Engine: num_slots={num_slots}, max_slots={max_slots} and max_prompts="
+                f"{max_prompts} must be >= 0, min_bucket={min_bucket} and min_slots="
+                f"{min_slots} >= 1"
             )
         self.graphdef, self.cfg = graphdef, cfg
         self.num_slots, self.min_bucket, self.min_slots = num_slots, min_bucket, min_slots
-        self.max_slots = max_slots
+        self.max_slots, self.max_prompts = max_slots, max_prompts
         # Module-level jits keyed on (graphdef, cfg): engines of one model share compilations.
         self._prefill = functools.partial(_prefill_jit, graphdef, cfg)
         self._segment = functools.partial(_segment_jit, graphdef, cfg)
@@ -387,7 +389,35 @@ class Engine:
             return self.num_slots
         return min(rows, self.max_slots) if self.max_slots else rows
 
+    def prompt_chunk(self, prompts: int) -> int:
+        """Prompts prefilled and decoded per pass (`max_prompts`: the prefix cache is held for
+        every prompt of a pass until its rows finish)."""
+        return min(prompts, self.max_prompts) if self.max_prompts else prompts
+
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
+        b = np.shape(prompt_BxP)[0]
+        m = self.prompt_chunk(b)
+        if m == b:
+            return self._call(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B)
+        # Passes of m prompts (the last padded with copies of its first prompt at a budget of
+        # 0, so every pass has one shape); pass i samples with fold_in(rng, i).
+        n = self.cfg.num_samples
+        budget = np.asarray(_budget(max_new_B, b, self.cfg))
+        prompt, valid = np.asarray(prompt_BxP), np.asarray(prompt_valid_BxP)
+        parts = []
+        for i, start in enumerate(range(0, b, m)):
+            idx = np.arange(start, start + m)
+            real = idx < b
+            idx = np.where(real, idx, start)
+            rows = (idx[:, None] * n + np.arange(n)).reshape(-1)
+            row_budget = np.where(np.repeat(real, n), budget[rows], 0).astype(np.int32)
+            key = jax.random.fold_in(rng, i)
+            out = self._call(params, prompt[idx], valid[idx], key, row_budget)
+            keep = int(real.sum()) * n
+            parts.append(jax.tree.map(lambda x, k=keep: np.asarray(x)[:k], out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+    def _call(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         cfg = self.cfg
         b, p = np.shape(prompt_BxP)
         if p != cfg.max_prompt_len:
@@ -487,7 +517,12 @@ def select(
     if name == "continuous":
         try:
             check_supported(model_cfg)
-            return Engine(graphdef, cfg, num_slots=num_slots, max_slots=budget_rows)
+            max_prompts = layout.prompts_for_budget(
+                model_cfg, cfg.max_prompt_len, cache_budget_gib, batch_shards
+            )
+            return Engine(
+                graphdef, cfg, num_slots=num_slots, max_slots=budget_rows, max_prompts=max_prompts
+            )
         except ValueError as e:
             log.warning("%s: falling back to the static sampler", e)
     return sampler.make_generate(graphdef, cfg, max_rows=num_slots or budget_rows)

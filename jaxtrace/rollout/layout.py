@@ -163,3 +163,19 @@ def slots_for_budget(model_cfg, length: int, budget_gib: float, batch_shards: in
             f"{length} tokens (prompt + response budget) takes {per_slot / GIB:.3f} GiB per chip"
         )
     return per_chip * max(int(batch_shards), 1)
+
+
+PREFIX_SHARE = 0.25  # of the cache budget, for the engine's prompt prefixes (one pass's)
+
+
+def prompts_for_budget(model_cfg, prompt_len: int, budget_gib: float, batch_shards: int = 1):
+    """Prompts per engine pass whose prefix caches (`prompt_len` slots each, kept until the
+    pass's rows finish) take at most PREFIX_SHARE of `budget_gib` per chip, the prompts split
+    over `batch_shards` chips; a multiple of batch_shards, at least one per shard; 0 for no
+    budget (every prompt in one pass). Rollout prompts are short (a pass holds them all); the
+    self-annotation prompts are long and many, and pass in chunks."""
+    if budget_gib <= 0:
+        return 0
+    shards = max(int(batch_shards), 1)
+    per_chip = int(PREFIX_SHARE * budget_gib * GIB // slot_cache_bytes(model_cfg, prompt_len))
+    return max(per_chip, 1) * shards
