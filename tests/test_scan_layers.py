@@ -256,3 +256,28 @@ def test_hf_parity_and_exact_round_trip_when_scanned(tmp_path, family):
     assert set(got) == set(want)
     for name, value in got.items():
         np.testing.assert_array_equal(value, want[name], err_msg=name)
+
+
+def test_training_through_the_shared_prompt_cache_saves_each_layers_cache_once():
+    """The shared-prompt training pass differentiates through a stacked KV cache [L, R, Hkv, S,
+    Dh]. Each layer's backward may keep its own layer's cache, never the whole stack (L x the
+    cache: the decode steps' in-place write, used in a training pass, did that)."""
+    from flax import nnx
+
+    from jaxtrace import steps
+
+    layers, g, r, p, n = 4, 2, 8, 16, 24
+    cfg = ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
+        num_kv_heads=2, head_dim=16, remat="full",
+    )  # fmt: skip
+    graphdef, params = models.create(cfg)
+    args = (jnp.ones((g, p), jnp.int32), jnp.ones((g, p), bool))
+    args += (jnp.ones((r, n), jnp.int32), jnp.ones((r, n), bool))
+
+    def loss(params, *a):
+        return jnp.sum(steps.response_hidden(nnx.merge(graphdef, params), *a) ** 2)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, *args))
+    assert f"[{layers},{r},2,{p + n},16]" in jaxpr  # the stacked cache is there
+    assert f"[{layers},{layers},{r},2,{p + n},16]" not in jaxpr  # and never saved per layer

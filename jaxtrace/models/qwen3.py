@@ -268,8 +268,11 @@ def run_layers(cfg: ModelConfig, stacks, x, positions, mask, cache=None, cache_i
         auxs = []
         for q in range(pe):
             layer_params = _index(params[q % pp], q // pp)
-            if cache is not None and is_kv(cache[q]):
-                # The attention writes into the stacked cache itself (`write_stacked`).
+            if cache is not None and is_kv(cache[q]) and x.shape[1] == 1:
+                # Decode steps: the attention writes into the stacked cache itself
+                # (`write_stacked`). Not for passes of T > 1: a training pass differentiates
+                # through its cache, and the whole stacked cache as a layer's input would be
+                # saved for the backward once per layer.
                 x, c, aux = fns[q](layer_params, x, positions, mask, {**cache[q], "layer": a})
                 cache[q] = {"k": c["k"], "v": c["v"]}
             else:
