@@ -64,12 +64,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
     axes = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, size = part.partition("=")
-        try:
-            axes[name.strip()] = int(size)
-        except ValueError:
-            eq = ""
-        if not eq:
+        if not eq or not size.strip().removeprefix("-").isdigit():
             raise ValueError(f"--mesh={spec!r}: want axis=size pairs, e.g. 'data=-1,tensor=2'")
+        axes[name.strip()] = int(size)
     if not axes:
         raise ValueError(f"--mesh={spec!r}: no axes")
     return axes
@@ -121,14 +118,12 @@ def evaluate_run(
 ):
     """(rows, step): one row of metrics per eval set for checkpoint `ckpt` (a run's ckpt/
     directory or the run folder), decoded on `mesh` (a --mesh spec; "" = the run's)."""
-    import jax  # noqa: PLC0415
 
     from jaxtrace import checkpoint, evaluation, rl, sharding  # noqa: PLC0415
     from jaxtrace.config import base  # noqa: PLC0415
     from jaxtrace.data import tokenizer as tok_lib  # noqa: PLC0415
     from jaxtrace.errors import InputError  # noqa: PLC0415
     from jaxtrace.export import model_config_of_run, read_run_config, resolve_run  # noqa: PLC0415
-    from jaxtrace.models import abstract_model  # noqa: PLC0415
     from jaxtrace.rewards import MathVerifier  # noqa: PLC0415
     from jaxtrace.rollout import layout  # noqa: PLC0415
 
@@ -137,12 +132,7 @@ def evaluate_run(
     run_config = read_run_config(config_path)
     cfg = model_config_of_run(ckpt, None)
     device_mesh = run_mesh(run_config, mesh)
-    graphdef, abstract = abstract_model(cfg)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract,
-        sharding.param_shardings(cfg, device_mesh),
-    )
+    graphdef, abstract = sharding.abstract_placed(cfg, device_mesh)
     try:
         data, r, seed = run_config["data"], run_config["rollout"], run_config["seed"]
         # A run saved before a rollout key existed decodes with that key's default.

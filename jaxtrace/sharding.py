@@ -120,6 +120,16 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def abstract_placed(model_cfg, mesh: Mesh):
+    """(graphdef, params as ShapeDtypeStructs on their `param_shardings`): the target of a
+    sharded restore."""
+    from jaxtrace.models import abstract_model  # noqa: PLC0415
+
+    graphdef, abstract = abstract_model(model_cfg)
+    place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    return graphdef, jax.tree.map(place, abstract, param_shardings(model_cfg, mesh))
+
+
 def param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES):
     """A params-shaped tree of NamedSharding for `model_cfg`."""
     from jaxtrace.models import abstract_model, logical_axes  # noqa: PLC0415

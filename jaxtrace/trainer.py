@@ -129,10 +129,7 @@ def init_params(config, model_cfg, mesh):
         load = lambda d: hf.load_params(model_cfg, d, shardings)  # noqa: E731
         return graphdef, load_hf_checked(config.init_from[3:], load)
     if config.init_from.startswith("ckpt:"):
-        graphdef, abstract = abstract_model(model_cfg)
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
+        graphdef, abstract = sharding.abstract_placed(model_cfg, mesh)
         params, _ = checkpoint.restore_params(resolve_run(config.init_from[5:])[0], abstract)
         return graphdef, params
     return sharding.init_sharded(model_cfg, mesh, seed=config.seed)
