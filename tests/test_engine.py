@@ -99,6 +99,11 @@ def test_prompts_in_passes_equal_one_pass(model):
         gen = engine.make_generate(graphdef, cfg, max_prompts=2)
         assert gen.prompt_chunk(3) == 2
         _assert_same(want, _host(gen(params, tokens, valid, jax.random.key(0), budget)))
+    # Sampled: a row keeps its key in any pass, so passes draw what one pass draws.
+    hot = SamplingConfig(max_prompt_len=8, max_new_tokens=10, temperature=1.0, num_samples=2)
+    one_pass = _host(engine.make_generate(graphdef, hot)(params, tokens, valid, jax.random.key(5)))
+    passes = engine.make_generate(graphdef, hot, max_prompts=1)
+    _assert_same(one_pass, _host(passes(params, tokens, valid, jax.random.key(5))))
     one_prompt = layout.slot_cache_bytes(CFG, 8) / layout.GIB
     assert layout.prompts_for_budget(CFG, 8, 0.0) == 0  # no budget: one pass
     assert layout.prompts_for_budget(CFG, 8, 12 * one_prompt) == 3  # a quarter of the budget
@@ -106,6 +111,9 @@ def test_prompts_in_passes_equal_one_pass(model):
     assert layout.prompts_for_budget(CFG, 8, one_prompt, batch_shards=4) == 4  # >= 1 per shard
     sel = engine.select(graphdef, cfg, CFG, cache_budget_gib=12 * one_prompt)
     assert isinstance(sel, engine.Engine) and sel.max_prompts == 3
+    # A pass has a row for every decode slot: 8 slots of 2 samples need 4 prompts a pass.
+    sel = engine.select(graphdef, cfg, CFG, "continuous", 8, cache_budget_gib=12 * one_prompt)
+    assert sel.max_prompts == 4
 
 
 def test_sampled_logprobs_equal_full_forward_and_schedule_free(model):

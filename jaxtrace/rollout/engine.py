@@ -146,8 +146,11 @@ def _budget(max_new_B, b: int, cfg: SamplingConfig):
     return jnp.repeat(limit, cfg.num_samples)
 
 
-def _prefill(graphdef, cfg: SamplingConfig, params, prompt_BxP, valid_BxP, rng, budget_R):
-    """Each prompt once: its KV [B, Hkv, P, Dh] per layer and every row's first token."""
+def _prefill(
+    graphdef, cfg: SamplingConfig, params, prompt_BxP, valid_BxP, rng, budget_R, first_row=0
+):
+    """Each prompt once: its KV [B, Hkv, P, Dh] per layer and every row's first token. Row i
+    is row `first_row + i` of the call (a pass of the engine), whose key it takes."""
     model = nnx.merge(graphdef, params)
     b, p = prompt_BxP.shape
     cache = init_cache(model.cfg, b, p)
@@ -156,7 +159,7 @@ def _prefill(graphdef, cfg: SamplingConfig, params, prompt_BxP, valid_BxP, rng, 
     )
     logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], cfg.num_samples, axis=0)
     r = logits.shape[0]
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(r))
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, first_row + i))(jnp.arange(r))
     token, logp = _choose_rows(logits, _step_keys(row_keys, jnp.zeros((r,), jnp.int32)), cfg)
     stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
     new = cfg.max_new_tokens
@@ -342,7 +345,8 @@ class Engine:
     rows bounds the cache memory, samples then wait for a free slot). min_bucket: the smallest
     response-length bucket of the cache. min_slots: the slot batch is never compacted below this
     (smaller batches save little and each size is one more compile).
-    `stats` holds the last call's segment count and the (slots, cache length) shapes it used.
+    `stats` holds the last call's pass and segment counts and the (slots, cache length) shapes
+    its segments used.
     """
 
     def __init__(
@@ -355,12 +359,11 @@ class Engine:
         max_slots: int = 0,
         max_prompts: int = 0,
     ):
-        if num_slots < 0 or max_slots < 0 or max_prompts < 0 or min_bucket < 1 or min_slots < 1:
-            raise ValueError(
-                f"Engine: num_slots={num_slots}, max_slots={max_slots} and max_prompts="
-                f"{max_prompts} must be >= 0, min_bucket={min_bucket} and min_slots="
-                f"{min_slots} >= 1"
-            )
+        least = {"num_slots": 0, "max_slots": 0, "max_prompts": 0, "min_bucket": 1, "min_slots": 1}
+        given = dict(zip(least, (num_slots, max_slots, max_prompts, min_bucket, min_slots)))
+        bad = [f"{k}={given[k]} must be >= {lo}" for k, lo in least.items() if given[k] < lo]
+        if bad:
+            raise ValueError("Engine: " + ", ".join(bad))
         self.graphdef, self.cfg = graphdef, cfg
         self.num_slots, self.min_bucket, self.min_slots = num_slots, min_bucket, min_slots
         self.max_slots, self.max_prompts = max_slots, max_prompts
@@ -397,27 +400,27 @@ class Engine:
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         b = np.shape(prompt_BxP)[0]
         m = self.prompt_chunk(b)
+        self.stats = {"segments": 0, "shapes": [], "passes": -(-b // m)}
         if m == b:
             return self._call(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B)
         # Passes of m prompts (the last padded with copies of its first prompt at a budget of
-        # 0, so every pass has one shape); pass i samples with fold_in(rng, i).
+        # 0, so every pass has one shape); each row keeps its key, fold_in(rng, row).
         n = self.cfg.num_samples
         budget = np.asarray(_budget(max_new_B, b, self.cfg))
         prompt, valid = np.asarray(prompt_BxP), np.asarray(prompt_valid_BxP)
         parts = []
-        for i, start in enumerate(range(0, b, m)):
+        for start in range(0, b, m):
             idx = np.arange(start, start + m)
             real = idx < b
             idx = np.where(real, idx, start)
             rows = (idx[:, None] * n + np.arange(n)).reshape(-1)
             row_budget = np.where(np.repeat(real, n), budget[rows], 0).astype(np.int32)
-            key = jax.random.fold_in(rng, i)
-            out = self._call(params, prompt[idx], valid[idx], key, row_budget)
+            out = self._call(params, prompt[idx], valid[idx], rng, row_budget, first_row=start * n)
             keep = int(real.sum()) * n
             parts.append(jax.tree.map(lambda x, k=keep: np.asarray(x)[:k], out))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
-    def _call(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
+    def _call(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None, first_row=0):
         cfg = self.cfg
         b, p = np.shape(prompt_BxP)
         if p != cfg.max_prompt_len:
@@ -428,14 +431,13 @@ class Engine:
         model_cfg = self._model_cfg
         budget = _budget(max_new_B, b, cfg)
         prefix, token0, row_keys, outputs, done0 = self._prefill(
-            params, prompt_BxP, prompt_valid_BxP, rng, budget
+            params, prompt_BxP, prompt_valid_BxP, rng, budget, jnp.int32(first_row)
         )
         r, new = b * cfg.num_samples, cfg.max_new_tokens
         queue = [int(i) for i in np.flatnonzero(~_to_host(done0))][::-1]  # pop() takes row 0 first
         cap = self.slot_cap(r)
         slot_bucket = lambda k: min(cap, max(self.min_slots, _pow2_at_least(k, cap)))  # noqa: E731
         slots_n = slot_bucket(len(queue)) if queue else 0
-        self.stats = {"segments": 0, "shapes": []}
         if slots_n:
             length = p + bucket(1, new, self.min_bucket)
             slots = _placed("empty", slot_sharding(params, slots_n))(model_cfg, slots_n, length)
@@ -520,6 +522,9 @@ def select(
             max_prompts = layout.prompts_for_budget(
                 model_cfg, cfg.max_prompt_len, cache_budget_gib, batch_shards
             )
+            if max_prompts:  # a pass has a row for every slot (else slots idle all pass)
+                fill = -(-(num_slots or budget_rows) // cfg.num_samples)
+                max_prompts = max(max_prompts, -(-fill // batch_shards) * batch_shards)
             return Engine(
                 graphdef, cfg, num_slots=num_slots, max_slots=budget_rows, max_prompts=max_prompts
             )
