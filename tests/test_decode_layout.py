@@ -173,28 +173,29 @@ def test_slots_for_budget():
 
 
 def test_engine_with_a_budget_uses_fewer_slots_and_the_same_output():
-    """A budget of 3 slots' cache: the engine decodes 16 rows through at most 3 slots, in passes
-    with a row for every slot, with the output of one slot per row (the engine's draws do not
-    depend on the schedule or the passes)."""
+    """A budget of 3.5 slots' cache: the engine decodes 32 rows through at most 3 slots, in
+    passes of the prompts whose prefix caches fit a quarter of the budget (here one, of 4
+    rows), with the output of one slot per row (the engine's draws do not depend on the
+    schedule or the passes)."""
     graphdef, params = models.create(CFG, seed=2)
     tokens, valid = left_pad(PROMPTS, 8)
-    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=6, temperature=1.0, num_samples=2)
+    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=6, temperature=1.0, num_samples=4)
     gib = 3.5 * layout.slot_cache_bytes(CFG, 14) / layout.GIB
     gen = engine.select(graphdef, cfg, CFG, "continuous", cache_budget_gib=gib)
-    assert gen.slot_cap(16) == 3 and gen.slot_cap(2) == 2
-    ragged = np.arange(16, dtype=np.int32) % 6 + 1  # per-row budgets: slots free up early
+    assert gen.slot_cap(32) == 3 and gen.slot_cap(2) == 2 and gen.prompt_chunk(8) == 1
+    ragged = np.arange(32, dtype=np.int32) % 6 + 1  # per-row budgets: slots free up early
     got = _host(gen(params, tokens, valid, jax.random.key(4), ragged))
     assert max(s for s, _ in gen.stats["shapes"]) == 3
-    # Passes of 2 prompts (4 rows: one per slot and one that waits for a slot to free up).
-    assert gen.stats["passes"] == 4 and gen.stats["segments"] > gen.stats["passes"]
+    # 8 passes of 4 rows: 3 take the slots, 1 waits for a slot to free up.
+    assert gen.stats["passes"] == 8 and gen.stats["segments"] > gen.stats["passes"]
     one_per_row = engine.make_generate(graphdef, cfg)
     want = _host(one_per_row(params, tokens, valid, jax.random.key(4), ragged))
     np.testing.assert_array_equal(want["length"], ragged)
-    for k in want:  # log-probs to rounding: a pass prefills 2 prompts, one call all 8
+    for k in want:  # log-probs to rounding: a pass prefills 1 prompt, one call all 8
         check = np.testing.assert_allclose if k == "logprobs" else np.testing.assert_array_equal
         check(got[k], want[k], err_msg=k, **({"atol": 1e-5} if k == "logprobs" else {}))
     override = engine.select(graphdef, cfg, CFG, "continuous", 5, cache_budget_gib=gib)
-    assert override.slot_cap(16) == 5  # decode_slots > 0 overrides the budget
+    assert override.slot_cap(32) == 5  # decode_slots > 0 overrides the budget
     with pytest.raises(ValueError, match="max_slots=-1 must be >= 0"):
         engine.Engine(graphdef, cfg, max_slots=-1)
 

@@ -111,9 +111,6 @@ def test_prompts_in_passes_equal_one_pass(model):
     assert layout.prompts_for_budget(CFG, 8, one_prompt, batch_shards=4) == 4  # >= 1 per shard
     sel = engine.select(graphdef, cfg, CFG, cache_budget_gib=12 * one_prompt)
     assert isinstance(sel, engine.Engine) and sel.max_prompts == 3
-    # A pass has a row for every decode slot: 8 slots of 2 samples need 4 prompts a pass.
-    sel = engine.select(graphdef, cfg, CFG, "continuous", 8, cache_budget_gib=12 * one_prompt)
-    assert sel.max_prompts == 4
 
 
 def test_sampled_logprobs_equal_full_forward_and_schedule_free(model):
@@ -323,3 +320,60 @@ def test_select_falls_back_to_the_static_sampler(caplog):
     assert "falling back to the static sampler" in caplog.text
     with pytest.raises(ValueError, match="rollout engine 'paged'"):
         select(graphdef, cfg, CFG, "paged")
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, sub-jaxprs (loop bodies, calls) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("which", ["static", "engine"])
+def test_cpu_decode_loop_reads_per_layer_weights_and_equals_the_layer_scan(
+    model, which, monkeypatch
+):
+    """On CPU the decode loop runs on per-layer weights and caches sliced once before it
+    (`models.unstacked_decode`): no equation inside it takes a stacked [L, ...] weight, which
+    XLA:CPU would copy a layer of on every step. Its output equals the layer scan's (TPU's
+    path, forced here), sampled and with ragged budgets."""
+    import functools
+
+    from jaxtrace.rollout import sampler
+
+    graphdef, params = model
+    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=9, temperature=1.0, num_samples=2)
+    tokens, valid = left_pad(PROMPTS, 8)
+    budget = jnp.asarray([9, 2, 5])
+    jaxprs = []  # of the engine's segments, as called
+    real = engine._segment_jit
+
+    def spy(graphdef, cfg, *args, length):
+        fn = functools.partial(engine._segment, graphdef, cfg, length=length)
+        jaxprs.append(jax.make_jaxpr(fn)(*args))
+        return real(graphdef, cfg, *args, length=length)
+
+    def run():
+        if which == "static":
+            return _host(make_generate(graphdef, cfg)(params, tokens, valid, key, budget))
+        return _host(engine.make_generate(graphdef, cfg)(params, tokens, valid, key, budget))
+
+    key = jax.random.key(3)
+    monkeypatch.setattr(engine, "_segment_jit", spy)
+    unstacked = run()
+    monkeypatch.setattr(engine, "_segment_jit", real)
+    if which == "static":
+        fn = functools.partial(sampler.generate, graphdef, cfg=cfg, max_new_B=budget)
+        jaxprs.append(jax.make_jaxpr(lambda p: fn(p, tokens, valid, key))(params))
+    stacked_shapes = {x.shape for x in jax.tree.leaves(params["layers"])}
+    loops = [e for j in jaxprs for e in _eqns(j.jaxpr) if e.primitive.name == "while"]
+    assert loops
+    for loop in loops:
+        for eqn in _eqns(loop.params["body_jaxpr"].jaxpr):
+            shapes = {tuple(getattr(v.aval, "shape", ())) for v in eqn.invars}
+            assert not shapes & stacked_shapes, (eqn.primitive, shapes & stacked_shapes)
+    for mod in (engine, sampler):
+        monkeypatch.setattr(mod, "unstacked_decode", lambda: False)
+    jax.clear_caches()  # the module-level jits traced the unstacked loop
+    _assert_same(unstacked, run())

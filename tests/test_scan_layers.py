@@ -139,6 +139,19 @@ def test_cached_prefill_and_decode_equal_full_forward(name):
         cache_index=jnp.full((b,), t - 1),
     )
     np.testing.assert_allclose(step[:, 0], full[:, -1], atol=2e-5, rtol=2e-5)
+    # The same step on per-layer weights and caches (CPU decode loops: `unstacked_decode`).
+    model = nnx.merge(graphdef, params)
+    per_layer = models.unstack_cache(cfg, cache)
+    assert len(per_layer) == cfg.num_layers
+    assert all(x.shape[0] == b for x in jax.tree.leaves(per_layer))
+    jax.tree.map(np.testing.assert_array_equal, models.stack_cache(cfg, per_layer), cache)
+    layers = models.unstack_layers(cfg, model.layer_stacks())
+    one, new_cache = model(
+        tokens[:, -1:], positions[:, -1:], models.decode_mask(valid, jnp.full((b,), t - 1)),
+        per_layer, jnp.full((b,), t - 1), layers=layers,
+    )  # fmt: skip
+    np.testing.assert_allclose(one, step, atol=1e-6, rtol=1e-6)
+    assert len(new_cache) == cfg.num_layers
 
 
 def test_cache_row_helpers():

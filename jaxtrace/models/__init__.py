@@ -20,7 +20,11 @@ from jaxtrace.models.qwen3 import (
     pad_cache_slots,
     positions_from_valid,
     repeat_cache_rows,
+    stack_cache,
     take_cache_rows,
+    unstack_cache,
+    unstack_layers,
+    unstacked_decode,
 )
 
 __all__ = [
@@ -43,7 +47,11 @@ __all__ = [
     "prefill_mask",
     "preset",
     "repeat_cache_rows",
+    "stack_cache",
     "take_cache_rows",
+    "unstack_cache",
+    "unstack_layers",
+    "unstacked_decode",
     "to_hf_dict",
 ]
 

@@ -76,7 +76,11 @@ from jaxtrace.models import (
     is_kv,
     pad_cache_slots,
     positions_from_valid,
+    stack_cache,
     take_cache_rows,
+    unstack_cache,
+    unstack_layers,
+    unstacked_decode,
 )
 from jaxtrace.models.qwen3 import CACHE_ROW_AXIS
 from jaxtrace.rollout import layout
@@ -232,6 +236,10 @@ def _segment(
     num_prompt = prompt_valid.sum(axis=1).astype(jnp.int32)
     kv_valid = jnp.concatenate([prompt_valid, jnp.ones((row.shape[0], length - p), bool)], 1)
     keys, budget = row_keys_R[row], budget_R[row]
+    layers = None
+    if unstacked_decode():  # each layer's weights and cache in buffers of their own
+        layers = unstack_layers(model.cfg, model.layer_stacks())
+        cache = unstack_cache(model.cfg, cache)
 
     def cond(c):
         _, t, _, done, _ = c
@@ -244,7 +252,8 @@ def _segment(
         write = p + t - 1  # the slot of the last sampled token, fed back in
         mask = decode_mask(kv_valid, write)
         at = jnp.where(done, length, write)  # idle slots write nothing
-        hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], mask, cache, at)
+        positions = (num_prompt + t - 1)[:, None]
+        hidden, cache = model(token[:, None], positions, mask, cache, at, layers=layers)
         nxt, lp = _choose_rows(model.logits(hidden)[:, 0], _step_keys(keys, t), cfg)
         live = ~done
         dest = jnp.where(live, row, r)  # idle slots write nowhere
@@ -259,6 +268,8 @@ def _segment(
     cache, t, token, done, outputs = jax.lax.while_loop(
         cond, body, (cache, t, token, done, outputs)
     )
+    if layers is not None:
+        cache = stack_cache(model.cfg, cache)
     return {"cache": cache, "t": t, "token": token, "done": done}, outputs
 
 
@@ -522,9 +533,6 @@ def select(
             max_prompts = layout.prompts_for_budget(
                 model_cfg, cfg.max_prompt_len, cache_budget_gib, batch_shards
             )
-            if max_prompts:  # a pass has a row for every slot (else slots idle all pass)
-                fill = -(-(num_slots or budget_rows) // cfg.num_samples)
-                max_prompts = max(max_prompts, -(-fill // batch_shards) * batch_shards)
             return Engine(
                 graphdef, cfg, num_slots=num_slots, max_slots=budget_rows, max_prompts=max_prompts
             )

@@ -25,6 +25,9 @@ from jaxtrace.models import (
     positions_from_valid,
     prefill_mask,
     repeat_cache_rows,
+    unstack_cache,
+    unstack_layers,
+    unstacked_decode,
 )
 
 SAMPLE_BLOCK = 512  # vocabulary block of `sample_categorical`
@@ -176,6 +179,10 @@ def generate(
     logprobs = jnp.zeros((r, new), jnp.float32).at[:, 0].set(logp)
     mask = jnp.zeros((r, new), bool).at[:, 0].set(budget > 0)
     done = jnp.isin(token, stop) | (budget <= 1)
+    layers = None
+    if unstacked_decode():  # each layer's weights and cache in buffers of their own
+        layers = unstack_layers(model.cfg, model.layer_stacks())
+        cache = unstack_cache(model.cfg, cache)
 
     def cond(carry):
         t, _, _, _, _, done, _, _ = carry
@@ -185,7 +192,8 @@ def generate(
         t, token, cache, response, logprobs, done, mask, rng = carry
         slot = p + t - 1  # the slot of the last sampled token, fed back in
         step_mask = decode_mask(kv_valid, slot)
-        hidden, cache = model(token[:, None], (num_prompt + t - 1)[:, None], step_mask, cache, slot)
+        positions = (num_prompt + t - 1)[:, None]
+        hidden, cache = model(token[:, None], positions, step_mask, cache, slot, layers=layers)
         rng, step_rng = jax.random.split(rng)
         nxt, lp = _choose(model.logits(hidden)[:, 0], step_rng, cfg)
         live = ~done
