@@ -16,9 +16,13 @@ so an ahead-of-time compile for a TPU topology on a CPU host picks tiles for the
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
+
+log = logging.getLogger(__name__)
 
 _DEVICE_KINDS = {  # AbstractMesh.device_kind -> pltpu.ChipVersion value
     "TPU v4": "v4",
@@ -81,8 +85,14 @@ def tpu_info():
         return None
     try:
         return pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(version), cores)
-    except (ValueError, TypeError, NotImplementedError):  # a chip this jax has no table for
+    except (ValueError, TypeError, NotImplementedError) as e:  # a chip this jax has no table for
+        _warn_no_table(kind, f"{type(e).__name__}: {e}")
         return None  # callers then assume the smallest VMEM (DEFAULT_VMEM_BYTES): safe tiles
+
+
+@functools.cache
+def _warn_no_table(kind: str, why: str) -> None:
+    log.warning("no TPU info for %r (%s): kernels tile for the smallest VMEM", kind, why)
 
 
 def vmem_bytes() -> int:

@@ -14,6 +14,7 @@ from jaxtrace.models.attention import AttentionMask, causal_mask, decode_mask, p
 from jaxtrace.models.config import ModelConfig, from_hf_dict, preset, to_hf_dict
 from jaxtrace.models.qwen3 import (
     Qwen3,
+    decode_loop_layout,
     grow_cache,
     init_cache,
     is_kv,
@@ -35,6 +36,7 @@ __all__ = [
     "apply",
     "causal_mask",
     "create",
+    "decode_loop_layout",
     "decode_mask",
     "forward_logits",
     "from_hf_dict",

@@ -248,6 +248,16 @@ def unstacked_decode() -> bool:
     return _mesh.target_platform() == "cpu"
 
 
+def decode_loop_layout(model, cache: list[Cache]):
+    """(layers, cache) for a decode loop over `model` (a merged `Qwen3`): on CPU
+    (`unstacked_decode`) every layer's weights and cache sliced out once, to pass as
+    `model(..., cache, ..., layers=layers)` inside the loop (`stack_cache` restacks the cache
+    after it); elsewhere (None, cache), the layer scan."""
+    if not unstacked_decode():
+        return None, cache
+    return unstack_layers(model.cfg, model.layer_stacks()), unstack_cache(model.cfg, cache)
+
+
 def unstack_cache(cfg: ModelConfig, cache: list[Cache]) -> list[Cache]:
     """`init_cache`'s stacked layout -> one cache per layer (leaves [B, ...]), layer i at i."""
     pe = cfg.scan_period

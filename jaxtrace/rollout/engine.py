@@ -71,6 +71,7 @@ from flax import nnx
 
 from jaxtrace.models import (
     causal_mask,
+    decode_loop_layout,
     decode_mask,
     init_cache,
     is_kv,
@@ -78,9 +79,6 @@ from jaxtrace.models import (
     positions_from_valid,
     stack_cache,
     take_cache_rows,
-    unstack_cache,
-    unstack_layers,
-    unstacked_decode,
 )
 from jaxtrace.models.qwen3 import CACHE_ROW_AXIS
 from jaxtrace.rollout import layout
@@ -236,10 +234,7 @@ def _segment(
     num_prompt = prompt_valid.sum(axis=1).astype(jnp.int32)
     kv_valid = jnp.concatenate([prompt_valid, jnp.ones((row.shape[0], length - p), bool)], 1)
     keys, budget = row_keys_R[row], budget_R[row]
-    layers = None
-    if unstacked_decode():  # each layer's weights and cache in buffers of their own
-        layers = unstack_layers(model.cfg, model.layer_stacks())
-        cache = unstack_cache(model.cfg, cache)
+    layers, cache = decode_loop_layout(model, cache)  # per-layer buffers on CPU
 
     def cond(c):
         _, t, _, done, _ = c

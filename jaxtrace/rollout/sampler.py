@@ -20,14 +20,12 @@ import numpy as np
 from flax import nnx
 
 from jaxtrace.models import (
+    decode_loop_layout,
     decode_mask,
     init_cache,
     positions_from_valid,
     prefill_mask,
     repeat_cache_rows,
-    unstack_cache,
-    unstack_layers,
-    unstacked_decode,
 )
 
 SAMPLE_BLOCK = 512  # vocabulary block of `sample_categorical`
@@ -179,10 +177,7 @@ def generate(
     logprobs = jnp.zeros((r, new), jnp.float32).at[:, 0].set(logp)
     mask = jnp.zeros((r, new), bool).at[:, 0].set(budget > 0)
     done = jnp.isin(token, stop) | (budget <= 1)
-    layers = None
-    if unstacked_decode():  # each layer's weights and cache in buffers of their own
-        layers = unstack_layers(model.cfg, model.layer_stacks())
-        cache = unstack_cache(model.cfg, cache)
+    layers, cache = decode_loop_layout(model, cache)  # per-layer buffers on CPU
 
     def cond(carry):
         t, _, _, _, _, done, _, _ = carry
