@@ -177,17 +177,23 @@ def _with_rows(mesh, tree):
     return jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), tree)
 
 
-def _cache_with_rows(mesh, cache):
-    """An abstract KV cache as the engine places it (`engine.slot_sharding`): every leaf is
-    [layers, rows, ...] (`init_cache`), split over the data axes on its row axis."""
+def _cache_with_rows(mesh, cache, model_cfg, heads=None):
+    """An abstract KV cache as the engine places it (`engine.cache_sharding`): every leaf is
+    [layers, rows, ...] (`init_cache`), split over the data axes on its row axis, the attention
+    layers' KV heads over `heads` (`engine.kv_head_axes`: the decode layout's split); replicated
+    when the rows do not divide (the engine then leaves the placement to XLA)."""
     from jaxtrace.models.qwen3 import CACHE_ROW_AXIS  # noqa: PLC0415
+    from jaxtrace.rollout import engine as engine_lib  # noqa: PLC0415
 
-    def place(x):
-        rows = _rows(mesh, x.shape[CACHE_ROW_AXIS:], x.dtype).sharding
-        spec = PartitionSpec(*[None] * CACHE_ROW_AXIS, *rows.spec)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-
-    return jax.tree.map(place, cache)
+    rows = jax.tree.leaves(cache)[0].shape[CACHE_ROW_AXIS]
+    if rows % sharding.data_parallel_size(mesh):
+        whole = NamedSharding(mesh, PartitionSpec())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), cache)
+    placed = engine_lib.cache_sharding(mesh, model_cfg, heads)
+    return [
+        jax.tree.map(lambda x, s=s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), entry)
+        for entry, s in zip(cache, placed)
+    ]
 
 
 def _rng(mesh):
@@ -214,8 +220,9 @@ def sampler_programs(
     model_cfg = model_config(config)
     r = config.rollout
     dp = sharding.data_parallel_size(mesh)
+    heads = engine_lib.kv_head_shards(params, model_cfg)
     gen = engine_lib.select(
-        graphdef, cfg, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp
+        graphdef, cfg, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp, heads
     )
     if not isinstance(gen, engine_lib.Engine):
         max_rows = getattr(gen, "max_rows", 0)
@@ -238,12 +245,16 @@ def sampler_programs(
     prefill = jax.jit(functools.partial(engine_lib._prefill, graphdef, cfg))  # `_prefill_jit`
     prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
     empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
-    empty = {**_with_rows(mesh, empty), "cache": _cache_with_rows(mesh, empty["cache"])}
+    head_axes = engine_lib.kv_head_axes(params, model_cfg)
+    empty = {
+        **_with_rows(mesh, empty),
+        "cache": _cache_with_rows(mesh, empty["cache"], model_cfg, head_axes),
+    }
     seg_args = (
         params,
         empty,
         _with_rows(mesh, outputs),
-        _cache_with_rows(mesh, prefix),
+        _cache_with_rows(mesh, prefix, model_cfg, head_axes),
         valid,
         _with_rows(mesh, token0),
         _with_rows(mesh, keys),

@@ -12,12 +12,14 @@ _GENERATORS: dict = {}
 
 
 def _generator(graphdef, params, cfg, engine_name, decode_slots, cache_budget_gib, dp):
-    """One sampler per (model graph, sampling config, engine): evaluating twice compiles once."""
-    key = (graphdef, cfg, engine_name, decode_slots, cache_budget_gib, dp)
+    """One sampler per (model graph, sampling config, engine): evaluating twice compiles once.
+    The engine's slot cache splits its KV heads as `params` do (`engine.kv_head_shards`)."""
+    model_cfg = engine.model_config_of(graphdef, params)
+    heads = engine.kv_head_shards(params, model_cfg)
+    key = (graphdef, cfg, engine_name, decode_slots, cache_budget_gib, dp, heads)
     if key not in _GENERATORS:
-        model_cfg = engine.model_config_of(graphdef, params)
         _GENERATORS[key] = engine.select(
-            graphdef, cfg, model_cfg, engine_name, decode_slots, cache_budget_gib, dp
+            graphdef, cfg, model_cfg, engine_name, decode_slots, cache_budget_gib, dp, heads
         )
     return _GENERATORS[key]
 

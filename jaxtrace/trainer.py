@@ -479,14 +479,16 @@ def _run(config, mesh) -> dict:
     micro = microbatch.resolve_rows(config, "train", sharding.data_parallel_size(mesh))
     rl_step = steps.make_rl_step(graphdef, optimizer, loss_config(config, algo), micro)
     sampling = rollout_sampling(config, (tokenizer.eos_id,), tokenizer.pad_id)
+    heads = layout.kv_head_shards(model_cfg, mesh, r.decode_layout)  # the slot cache's head split
     generate = layout.in_decode_layout(
         engine.select(
-            graphdef, sampling, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp
+            graphdef, sampling, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp, heads
         ),
         decode,
     )
     # Self-annotation decodes with the same copy as the step's rollouts (made once per step).
-    self_generate = _self_generate(graphdef, lambda: decode(state["params"]), tokenizer, r, dp)
+    get_decode = lambda: decode(state["params"])  # noqa: E731
+    self_generate = _self_generate(graphdef, get_decode, tokenizer, r, dp, heads)
     annotator = make_annotator(config, train, self_generate, tokenizer)
     phases = RLPhases(
         config, algo, graphdef, train, encoder, generate, verifier, annotator, mesh, rl_step, micro
@@ -602,7 +604,7 @@ def self_annotation_sampling(r, eos_id, pad_id) -> SamplingConfig:
     )
 
 
-def _self_generate(graphdef, get_params, tokenizer, r, batch_shards=1):
+def _self_generate(graphdef, get_params, tokenizer, r, batch_shards=1, head_shards=1):
     """generate_fn for self-annotation: the current policy (`get_params()`: its decode copy),
     greedy, at most the cache budget's rows at once. The annotator builds prompts
     that fit the budget (shortening the response's middle); one that does not is an error,
@@ -616,7 +618,14 @@ def _self_generate(graphdef, get_params, tokenizer, r, batch_shards=1):
         if gen is None:
             model_cfg = engine.model_config_of(graphdef, get_params())
             gen = engine.select(
-                graphdef, cfg, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, batch_shards
+                graphdef,
+                cfg,
+                model_cfg,
+                r.engine,
+                r.decode_slots,
+                r.cache_budget_gib,
+                batch_shards,
+                head_shards,
             )
         ids = [tokenizer.encode(p) for p in prompts]
         if max(map(len, ids), default=0) > budget:

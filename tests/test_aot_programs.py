@@ -92,12 +92,12 @@ def test_shipped_tpu_configs_validate():
         validate(aot.with_placeholders(module.get_config()))
 
 
-def _fsdp_programs(**rollout):
-    """The programs on a 2 (data) x 4 (fsdp) mesh of a 1-layer bf16-compute model."""
+def _fsdp_programs(axes=None, **rollout):
+    """The programs on a 2 (data) x 4 (fsdp) mesh (or `axes`) of a 1-layer bf16-compute model."""
     c = base()
     c.model.update(num_layers=1, dtype="bfloat16")
     c.rollout.update(prompts_per_step=8, group_size=4, max_new_tokens=12, **rollout)
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, jax.devices()[:8])
+    mesh = sharding.make_mesh(axes or {"data": 2, "fsdp": 4}, jax.devices()[:8])
     return {p.name: p for p in aot.programs(aot.with_placeholders(c), mesh)}, mesh
 
 
@@ -146,6 +146,27 @@ def test_the_cache_budget_sets_the_compiled_slots_and_row_chunks():
     assert 3 * per_slot <= result.argument_bytes < 24 * per_slot
     progs, _ = _fsdp_programs(cache_budget_gib=gib, engine="static")
     assert progs["sampler"].args[1].shape == (6, 40)
+
+
+def test_the_tensor_layout_budget_counts_the_kv_head_split():
+    """decode_layout=tensor on a data 2 x fsdp 2 x tensor 2 mesh: each slot's cache is split
+    over the 2 KV heads as the weights are, so a budget of 3.5 whole slots' cache holds 7 per
+    chip, 28 slots on the 4 batch shards, and a chip's share of the compiled cache is 7 halves."""
+    from jaxtrace.config import model_config  # noqa: PLC0415
+    from jaxtrace.rollout import layout  # noqa: PLC0415
+
+    c = base()
+    c.model.update(num_layers=1, dtype="bfloat16")
+    per_slot = layout.slot_cache_bytes(model_config(c), 40 + 12)
+    gib = 3.5 * per_slot / layout.GIB
+    axes = {"data": 2, "fsdp": 2, "tensor": 2}
+    progs, mesh = _fsdp_programs(axes, cache_budget_gib=gib, decode_layout="tensor")
+    slots = progs["sampler_decode"].args[1]
+    assert slots["t"].shape == (28,)
+    assert aot._per_device_bytes(slots["cache"]) == 7 * per_slot // 2
+    assert "tensor" in str(slots["cache"][0]["k"].sharding.spec)
+    result = aot.compile_program(progs["sampler_decode"], mesh)
+    assert result.status == "ok", result.message
 
 
 def test_optimizer_moments_are_placed_like_their_params():

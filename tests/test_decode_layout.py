@@ -227,17 +227,57 @@ def test_slots_are_split_over_the_batch_axes():
     """On a mesh the engine's slot batch is split over the data axes, so a chip holds slots / d
     of the cache (when the slot count divides; else replicated)."""
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
-    params = jax.device_put({"w": jnp.ones(4)}, sharding.replicated(mesh))
-    s = engine.slot_sharding(params, 16)
+    _, params = sharding.init_sharded(CFG, mesh, seed=0)
+    s = engine.slot_sharding(params, 16, CFG)
     assert s[0].spec == P(("data", "fsdp"))
-    assert s[1].spec == P(None, ("data", "fsdp"))  # cache [layers, slots, ...]: slots split
-    assert engine.slot_sharding(params, 12) is None
-    assert engine.slot_sharding({"w": jnp.ones(4)}, 16) is None  # one device
+    # cache [layers, slots, kv_heads, ...]: slots split, heads whole (no tensor axis)
+    assert [c.spec for c in s[1]] == [P(None, ("data", "fsdp"), None)] * CFG.scan_period
+    assert engine.slot_sharding(params, 12, CFG) is None
+    assert engine.slot_sharding({"w": jnp.ones(4)}, 16, CFG) is None  # one device
     slots = engine._placed("empty", s)(CFG, 16, 24)
     k = slots["cache"][0]["k"]
     layers = CFG.num_layers // CFG.scan_period
     assert k.addressable_shards[0].data.shape == (layers, 2, CFG.num_kv_heads, 24, CFG.head_dim)
     assert slots["t"].addressable_shards[0].data.shape == (2,)
+
+
+@needs8
+def test_tensor_layout_splits_the_slot_cache_over_kv_heads():
+    """In the tensor layout a chip holds only its KV heads' slot cache (the heads its attention
+    computes), and the cache budget counts that: twice the slots at a 2-way head split."""
+    mesh = _mesh()  # data 2, fsdp 2, tensor 2
+    _, params = sharding.init_sharded(CFG, mesh, seed=0)
+    copy = layout.make_reshard(CFG, mesh, "tensor")(params)
+    assert engine.kv_head_axes(copy, CFG) == "tensor"
+    assert engine.kv_head_shards(copy, CFG) == 2 == layout.kv_head_shards(CFG, mesh, "tensor")
+    replicated = layout.make_reshard(CFG, mesh, "replicated")(params)
+    assert engine.kv_head_axes(replicated, CFG) is None
+    assert engine.kv_head_shards(replicated, CFG) == 1
+    assert layout.kv_head_shards(CFG, mesh, "replicated") == 1
+    assert layout.kv_head_shards(CFG, None, "tensor") == 1
+    s = engine.slot_sharding(copy, 8, CFG)
+    assert [c.spec for c in s[1]] == [P(None, ("data", "fsdp"), "tensor")] * CFG.scan_period
+    k = engine._placed("empty", s)(CFG, 8, 24)["cache"][0]["k"]
+    layers = CFG.num_layers // CFG.scan_period
+    assert k.addressable_shards[0].data.shape == (layers, 2, 1, 24, CFG.head_dim)
+    # The budget: per-chip slot bytes halve, so the same GiB hold twice the slots.
+    per = layout.slot_cache_bytes(CFG, 64)
+    assert layout.slot_cache_bytes(CFG, 64, head_shards=2) == per // 2
+    gib = 3.001 * per / layout.GIB
+    assert layout.slots_for_budget(CFG, 64, gib, batch_shards=4, head_shards=2) == 24
+    assert layout.prompts_for_budget(CFG, 64, gib / layout.PREFIX_SHARE, 4, 2) == 24
+    gen = engine.select(
+        models.create(CFG, 0)[0],
+        SamplingConfig(max_prompt_len=8, max_new_tokens=56, greedy=True),
+        CFG,
+        cache_budget_gib=gib,
+        batch_shards=4,
+        head_shards=2,
+    )
+    assert gen.max_slots == 24
+    hybrid = CFG.replace(family="qwen3_hybrid", hybrid_layers=(1,))
+    state = layout.slot_cache_bytes(hybrid, 64) - per // 2  # the hybrid layer's state
+    assert layout.slot_cache_bytes(hybrid, 64, head_shards=2) == per // 4 + state
 
 
 # ---------------------------------------------------------------------------- config

@@ -47,7 +47,10 @@ The gain: memory follows the pages in use (no bucket slack, no copy when a row o
 Placement: the engine takes params already placed; the callers reshard them from the training
 (FSDP) layout to the decode layout once per RL step (`rollout.layout`). On a mesh the slot arrays
 are split over its batch axes (when the slot count divides), so the data axes decode different
-rows and a chip holds slots / d of the cache (unsplit, every chip would decode every slot).
+rows and a chip holds slots / d of the cache (unsplit, every chip would decode every slot); the
+attention caches' KV heads are split as the params split them (`cache_sharding`: over "tensor"
+in the tensor layout), so a chip holds only the heads its attention computes, and the cache
+budget counts slots / d x 1 / h of a slot's cache per chip (`select(head_shards=)`).
 `Engine.program_shapes(rows)` lists every (slots, cache length) segment shape a call may compile,
 for an ahead-of-time compile and its HBM count.
 
@@ -309,7 +312,7 @@ def _placed(kind: str, placement):
     out_sharding = None
     if placement is not None:
         rows, cache = placement
-        out_sharding = {"cache": cache, "t": rows, "token": rows, "done": rows}
+        out_sharding = {"cache": list(cache), "t": rows, "token": rows, "done": rows}
     if kind == "empty":
         return jax.jit(_empty_slots, static_argnums=(0, 1, 2), out_shardings=out_sharding)
     if kind == "grow":
@@ -317,11 +320,54 @@ def _placed(kind: str, placement):
     return jax.jit(_compact, out_shardings=out_sharding)
 
 
-def slot_sharding(params, slots: int):
+def kv_head_axes(params, model_cfg):
+    """The mesh axes the params split the KV heads over (the k projection's kv_heads dim, as
+    the decode layout placed it: "tensor" in the tensor layout), or None."""
+    for q in range(model_cfg.param_period):
+        if model_cfg.is_hybrid_layer(q):
+            continue
+        k_proj = params["layers"][q]["self_attn"]["k_proj"]  # [layers, embed, kv_heads, dim]
+        placed = getattr(k_proj, "sharding", None)
+        if not isinstance(placed, jax.sharding.NamedSharding):
+            return None
+        spec = tuple(placed.spec) + (None,) * (len(k_proj.shape) - len(placed.spec))
+        return spec[-2]
+    return None
+
+
+def kv_head_shards(params, model_cfg) -> int:
+    """Chips a slot's KV cache is split over by heads (`kv_head_axes`' size; 1: not split)."""
+    axes = kv_head_axes(params, model_cfg)
+    if axes is None:
+        return 1
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def cache_sharding(mesh, model_cfg, heads=None) -> tuple:
+    """Per entry of `init_cache`'s list, the NamedSharding of its leaves [layers, slots, ...]:
+    the slot axis (`CACHE_ROW_AXIS`) split over the mesh's batch axes and, for attention layers,
+    the KV-head axis over `heads` (`kv_head_axes`): in the tensor layout each chip then holds
+    its own heads' cache, which its attention reads, rather than every head's. Hybrid layers'
+    states keep only the slot split."""
+    from jaxtrace import sharding  # noqa: PLC0415
+
+    rows = sharding.batch_sharding(mesh, 1).spec
+    lead = [None] * CACHE_ROW_AXIS
+    kv = jax.sharding.PartitionSpec(*lead, *rows, heads)
+    state = jax.sharding.PartitionSpec(*lead, *rows)
+    return tuple(
+        jax.sharding.NamedSharding(mesh, state if model_cfg.is_hybrid_layer(q) else kv)
+        for q in range(model_cfg.scan_period)
+    )
+
+
+def slot_sharding(params, slots: int, model_cfg):
     """The slot arrays' placement, (per-slot vectors, cache) shardings: their slot axis split over
     the batch axes of the params' mesh when `slots` divides evenly - axis 0 of the per-slot
     vectors, axis 1 (`CACHE_ROW_AXIS`) of the cache, stacked per layer as [layers, slots, ...] -
-    else None (no mesh, or replicated)."""
+    and the attention caches' KV heads as the params split them (`cache_sharding`), else None
+    (no mesh, or replicated)."""
     from jaxtrace import sharding  # noqa: PLC0415
 
     placed = getattr(jax.tree.leaves(params)[0], "sharding", None)
@@ -331,9 +377,7 @@ def slot_sharding(params, slots: int):
     if math.prod(mesh.shape.values()) < 2 or slots % sharding.data_parallel_size(mesh):
         return None
     rows = sharding.batch_sharding(mesh, 1)
-    spec = jax.sharding.PartitionSpec(*[None] * CACHE_ROW_AXIS, *rows.spec)
-    cache = jax.sharding.NamedSharding(mesh, spec)
-    return rows, cache
+    return rows, cache_sharding(mesh, model_cfg, kv_head_axes(params, model_cfg))
 
 
 def _to_host(x):
@@ -444,9 +488,10 @@ class Engine:
         cap = self.slot_cap(r)
         slot_bucket = lambda k: min(cap, max(self.min_slots, _pow2_at_least(k, cap)))  # noqa: E731
         slots_n = slot_bucket(len(queue)) if queue else 0
+        place = lambda kind, n: _placed(kind, slot_sharding(params, n, model_cfg))  # noqa: E731
         if slots_n:
             length = p + bucket(1, new, self.min_bucket)
-            slots = _placed("empty", slot_sharding(params, slots_n))(model_cfg, slots_n, length)
+            slots = place("empty", slots_n)(model_cfg, slots_n, length)
             slot_row = np.full(slots_n, -1, np.int32)
             t_host = np.ones(slots_n, np.int32)
             done_host = np.ones(slots_n, bool)
@@ -460,7 +505,7 @@ class Engine:
             live = ~done_host & (slot_row >= 0)
             need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
             if need > length:
-                slots = _placed("grow", slot_sharding(params, slots_n))(slots, need)
+                slots = place("grow", slots_n)(slots, need)
                 length = need
             n_live = int(live.sum())
             # Once no sample waits, exit when a quarter of the slots or fewer are live: shrinking
@@ -491,7 +536,7 @@ class Engine:
                 keep = np.flatnonzero(~done_host)  # shrink the slot batch 4x (or more)
                 new_n = slot_bucket(n_live)
                 idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
-                slots = _placed("compact", slot_sharding(params, new_n))(slots, jnp.asarray(idx))
+                slots = place("compact", new_n)(slots, jnp.asarray(idx))
                 slot_row = np.concatenate([slot_row[keep], np.full(new_n - n_live, -1)])
                 slot_row = slot_row.astype(np.int32)
                 t_host, done_host = t_host[idx], done_host[idx] | (slot_row < 0)
@@ -507,33 +552,41 @@ def select(
     num_slots: int = 0,
     cache_budget_gib: float = 0.0,
     batch_shards: int = 1,
+    head_shards: int = 1,
 ):
     """The callers' generate function (`rollout.engine` = name): the continuous `Engine`, or the
     static sampler when asked, or when the engine cannot decode `model_cfg` (logged).
 
     Rows decoded at once: `num_slots` when > 0, else as many as `cache_budget_gib` GiB per chip
     holds with the rows split over `batch_shards` chips (`layout.slots_for_budget`; 0 = no
-    budget, every row at once): the engine's decode slots, the static sampler's row chunk."""
+    budget, every row at once): the engine's decode slots, the static sampler's row chunk. The
+    engine's slot cache also splits its KV heads over `head_shards` chips as the decode layout
+    does (`layout.kv_head_shards`, `cache_sharding`), so its budget holds that many times more
+    slots; the static sampler's cache is XLA's to place, so its chunk does not count on it."""
     from jaxtrace.rollout import sampler  # noqa: PLC0415
 
     if name not in ENGINES:
         raise ValueError(f"rollout engine {name!r}; choose from {ENGINES}")
     length = cfg.max_prompt_len + cfg.max_new_tokens
-    budget_rows = 0
-    if not num_slots:
-        budget_rows = layout.slots_for_budget(model_cfg, length, cache_budget_gib, batch_shards)
+
+    def budget_rows(heads):
+        if num_slots:
+            return 0
+        return layout.slots_for_budget(model_cfg, length, cache_budget_gib, batch_shards, heads)
+
     if name == "continuous":
+        max_slots = budget_rows(head_shards)
         try:
             check_supported(model_cfg)
             max_prompts = layout.prompts_for_budget(
-                model_cfg, cfg.max_prompt_len, cache_budget_gib, batch_shards
+                model_cfg, cfg.max_prompt_len, cache_budget_gib, batch_shards, head_shards
             )
             return Engine(
-                graphdef, cfg, num_slots=num_slots, max_slots=budget_rows, max_prompts=max_prompts
+                graphdef, cfg, num_slots=num_slots, max_slots=max_slots, max_prompts=max_prompts
             )
         except ValueError as e:
             log.warning("%s: falling back to the static sampler", e)
-    return sampler.make_generate(graphdef, cfg, max_rows=num_slots or budget_rows)
+    return sampler.make_generate(graphdef, cfg, max_rows=num_slots or budget_rows(1))
 
 
 def make_generate(graphdef, cfg: SamplingConfig, **engine_kwargs):

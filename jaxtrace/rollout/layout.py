@@ -20,10 +20,12 @@ length P + N (prompt + response budget) takes
 
 bytes (cache dtype = the compute dtype; a hybrid layer adds its constant per-row state, and
 `slot_cache_bytes` counts `init_cache`'s shapes, so every family is covered). The engine splits
-its slots over the mesh's batch axes (d = `sharding.data_parallel_size`), so S slots take
-ceil(S / d) x slot_bytes per chip, and a budget of B bytes holds
+its slots over the mesh's batch axes (d = `sharding.data_parallel_size`) and, where the decode
+layout splits the KV heads (h = `kv_head_shards`: the "tensor" axis of the tensor layout), each
+attention cache's heads as well, so S slots take ceil(S / d) x slot_bytes / h per chip, and a
+budget of B bytes holds
 
-    slots = floor(B / slot_bytes) x d
+    slots = floor(B / (slot_bytes / h)) x d
 
 (`slots_for_budget`). The continuous engine then uses min(rows, slots) decode slots (waiting
 samples take freed slots); the static sampler generates in chunks of at most that many rows
@@ -139,23 +141,46 @@ def in_decode_layout(generate, weights: DecodeWeights):
 
 
 # ---------------------------------------------------------------------------- cache budget
-def slot_cache_bytes(model_cfg, length: int) -> int:
-    """Bytes of one decode slot's cache at `length` slots (every layer; see the module doc)."""
-    from jaxtrace.models import init_cache  # noqa: PLC0415
+def slot_cache_bytes(model_cfg, length: int, head_shards: int = 1) -> int:
+    """Bytes of one decode slot's cache at `length` slots (every layer; see the module doc) on
+    one chip when its attention layers' KV heads are split over `head_shards` chips (hybrid
+    layers' states are not split)."""
+    from jaxtrace.models import init_cache, is_kv  # noqa: PLC0415
 
-    shapes = jax.eval_shape(lambda: init_cache(model_cfg, 1, length))
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+    total = 0
+    for entry in jax.eval_shape(lambda: init_cache(model_cfg, 1, length)):
+        split = head_shards if is_kv(entry) else 1
+        for x in jax.tree.leaves(entry):
+            total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // split
+    return total
 
 
-def slots_for_budget(model_cfg, length: int, budget_gib: float, batch_shards: int = 1) -> int:
+def kv_head_shards(model_cfg, mesh, decode_layout: str) -> int:
+    """Chips the decode layout splits the KV heads over on `mesh` (the engine splits its slot
+    cache the same way, `engine.cache_sharding`); 1 without a mesh or a split."""
+    from jaxtrace import sharding  # noqa: PLC0415
+
+    if mesh is None:
+        return 1
+    rules = sharding.decode_rules(decode_layout)
+    axes = sharding.logical_to_spec(("kv_heads",), (model_cfg.num_kv_heads,), mesh, rules)[0]
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def slots_for_budget(
+    model_cfg, length: int, budget_gib: float, batch_shards: int = 1, head_shards: int = 1
+) -> int:
     """Decode slots whose cache at `length` fits `budget_gib` GiB per chip when the slots are
-    split over `batch_shards` chips: floor(budget / slot_bytes) x batch_shards; 0 for no budget
-    (budget_gib == 0). A ValueError when the budget holds no slot."""
+    split over `batch_shards` chips and their KV heads over `head_shards` (`kv_head_shards`):
+    floor(budget / per-chip slot bytes) x batch_shards; 0 for no budget (budget_gib == 0). A
+    ValueError when the budget holds no slot."""
     if budget_gib < 0 or not math.isfinite(budget_gib):
         raise ValueError(f"cache budget {budget_gib} GiB must be finite and >= 0 (0 = none)")
     if budget_gib == 0:
         return 0
-    per_slot = slot_cache_bytes(model_cfg, length)
+    per_slot = slot_cache_bytes(model_cfg, length, head_shards)
     per_chip = int(budget_gib * GIB // per_slot)
     if per_chip < 1:
         raise ValueError(
@@ -168,14 +193,18 @@ def slots_for_budget(model_cfg, length: int, budget_gib: float, batch_shards: in
 PREFIX_SHARE = 0.25  # of the cache budget, for the engine's prompt prefixes (one pass's)
 
 
-def prompts_for_budget(model_cfg, prompt_len: int, budget_gib: float, batch_shards: int = 1):
+def prompts_for_budget(
+    model_cfg, prompt_len: int, budget_gib: float, batch_shards: int = 1, head_shards: int = 1
+):
     """Prompts per engine pass whose prefix caches (`prompt_len` slots each, kept until the
     pass's rows finish) take at most PREFIX_SHARE of `budget_gib` per chip, the prompts split
-    over `batch_shards` chips; a multiple of batch_shards, at least one per shard; 0 for no
-    budget (every prompt in one pass). Rollout prompts are short (a pass holds them all); the
-    self-annotation prompts are long and many, and pass in chunks."""
+    over `batch_shards` chips (and their KV heads over `head_shards`); a multiple of
+    batch_shards, at least one per shard; 0 for no budget (every prompt in one pass). Rollout
+    prompts are short (a pass holds them all); the self-annotation prompts are long and many,
+    and pass in chunks."""
     if budget_gib <= 0:
         return 0
     shards = max(int(batch_shards), 1)
-    per_chip = int(PREFIX_SHARE * budget_gib * GIB // slot_cache_bytes(model_cfg, prompt_len))
+    per_prompt = slot_cache_bytes(model_cfg, prompt_len, head_shards)
+    per_chip = int(PREFIX_SHARE * budget_gib * GIB // per_prompt)
     return max(per_chip, 1) * shards
