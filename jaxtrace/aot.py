@@ -220,7 +220,8 @@ def sampler_programs(
     model_cfg = model_config(config)
     r = config.rollout
     dp = sharding.data_parallel_size(mesh)
-    heads = engine_lib.kv_head_shards(params, model_cfg)
+    head_axes = engine_lib.kv_head_axes(params, model_cfg)  # the decode layout's KV-head split
+    heads = sharding.axes_size(mesh, head_axes)
     gen = engine_lib.select(
         graphdef, cfg, model_cfg, r.engine, r.decode_slots, r.cache_budget_gib, dp, heads
     )
@@ -245,7 +246,6 @@ def sampler_programs(
     prefill = jax.jit(functools.partial(engine_lib._prefill, graphdef, cfg))  # `_prefill_jit`
     prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
     empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
-    head_axes = engine_lib.kv_head_axes(params, model_cfg)
     empty = {
         **_with_rows(mesh, empty),
         "cache": _cache_with_rows(mesh, empty["cache"], model_cfg, head_axes),

@@ -155,10 +155,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedShard
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
 
 
+def axes_size(mesh: Mesh, axes) -> int:
+    """Devices a PartitionSpec entry (None, an axis name or a tuple of names) splits a dimension
+    over on `mesh`; axes the mesh lacks count 1."""
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
-    target = dict(rules)["batch"]
-    axes = (target,) if isinstance(target, str) else target
-    return math.prod(mesh.shape.get(a, 1) for a in axes)
+    return axes_size(mesh, dict(rules)["batch"])
 
 
 def shard_batch(batch, mesh: Mesh):

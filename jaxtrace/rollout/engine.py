@@ -320,28 +320,35 @@ def _placed(kind: str, placement):
     return jax.jit(_compact, out_shardings=out_sharding)
 
 
+def _placed_k_proj(params, model_cfg):
+    """The first attention layer's k projection [..., embed, kv_heads, dim] (hybrid layers have
+    none) when the params are placed on a mesh (its sharding a NamedSharding), else None."""
+    for q in range(model_cfg.param_period):
+        if not model_cfg.is_hybrid_layer(q):
+            k_proj = params["layers"][q]["self_attn"]["k_proj"]
+            placed = getattr(k_proj, "sharding", None)
+            return k_proj if isinstance(placed, jax.sharding.NamedSharding) else None
+    return None
+
+
 def kv_head_axes(params, model_cfg):
     """The mesh axes the params split the KV heads over (the k projection's kv_heads dim, as
     the decode layout placed it: "tensor" in the tensor layout), or None."""
-    for q in range(model_cfg.param_period):
-        if model_cfg.is_hybrid_layer(q):
-            continue
-        k_proj = params["layers"][q]["self_attn"]["k_proj"]  # [layers, embed, kv_heads, dim]
-        placed = getattr(k_proj, "sharding", None)
-        if not isinstance(placed, jax.sharding.NamedSharding):
-            return None
-        spec = tuple(placed.spec) + (None,) * (len(k_proj.shape) - len(placed.spec))
-        return spec[-2]
-    return None
+    k_proj = _placed_k_proj(params, model_cfg)
+    if k_proj is None:
+        return None
+    spec = tuple(k_proj.sharding.spec)
+    return (spec + (None,) * (len(k_proj.shape) - len(spec)))[-2]
 
 
 def kv_head_shards(params, model_cfg) -> int:
     """Chips a slot's KV cache is split over by heads (`kv_head_axes`' size; 1: not split)."""
-    axes = kv_head_axes(params, model_cfg)
-    if axes is None:
+    from jaxtrace import sharding  # noqa: PLC0415
+
+    k_proj = _placed_k_proj(params, model_cfg)
+    if k_proj is None:
         return 1
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return sharding.axes_size(k_proj.sharding.mesh, kv_head_axes(params, model_cfg))
 
 
 def cache_sharding(mesh, model_cfg, heads=None) -> tuple:

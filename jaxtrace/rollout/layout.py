@@ -164,9 +164,7 @@ def kv_head_shards(model_cfg, mesh, decode_layout: str) -> int:
         return 1
     rules = sharding.decode_rules(decode_layout)
     axes = sharding.logical_to_spec(("kv_heads",), (model_cfg.num_kv_heads,), mesh, rules)[0]
-    if axes is None:
-        return 1
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return sharding.axes_size(mesh, axes)
 
 
 def slots_for_budget(
