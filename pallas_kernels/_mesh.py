@@ -10,7 +10,7 @@ matmul, and their gradients are summed over the shards by autodiff (see `match_v
 The mesh is the one set with `jax.set_mesh(mesh)` (the trainer and `jaxtrace.compile` set it);
 without one, or inside a `shard_map` already, the kernel is called directly.
 
-The chip comes from the same mesh (`AbstractMesh.device_kind`: "TPU v4", "TPU v5 lite", ...),
+The chip comes from the same mesh (its `abstract_device.device_kind`: "TPU v4", "TPU v5 lite", ...),
 so an ahead-of-time compile for a TPU topology on a CPU host picks tiles for the target chip.
 """
 
@@ -58,9 +58,19 @@ def context_mesh():
 def target_platform() -> str:
     """The platform being compiled for: the context mesh's ("tpu" for an ahead-of-time compile
     for a TPU topology on a CPU host), else `jax.default_backend()`."""
+    return _context_device("platform") or jax.default_backend()
+
+
+def _context_device(attr: str):
+    """`attr` (platform, device_kind, num_cores) of the context mesh's devices, or None without
+    a mesh. jax keeps them on `AbstractMesh.abstract_device`; older releases kept them on the
+    mesh itself, so both are read."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = getattr(mesh, "platform", None) if mesh is not None and mesh.axis_names else None
-    return platform or jax.default_backend()
+    if mesh is None or not mesh.axis_names:
+        return None
+    device = getattr(mesh, "abstract_device", None)
+    value = getattr(device, attr, None) if device is not None else None
+    return value if value is not None else getattr(mesh, attr, None)
 
 
 def tpu_info():
@@ -70,9 +80,8 @@ def tpu_info():
         from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     except ImportError:  # pragma: no cover - jax without Pallas TPU
         return None
-    mesh = jax.sharding.get_abstract_mesh()
-    kind = getattr(mesh, "device_kind", None) if mesh is not None and mesh.axis_names else None
-    cores = getattr(mesh, "num_cores", None) or 1
+    kind = _context_device("device_kind")
+    cores = _context_device("num_cores") or 1
     if kind is None:
         try:
             device = jax.devices()[0]

@@ -73,6 +73,29 @@ def test_chip_figures_are_per_device():
     assert v5p.vmem_bytes == 64 << 20 and v5e.vmem_bytes == 128 << 20
 
 
+def test_a_tpu_mesh_makes_every_default_choose_for_tpu(v5e4, v4_1):
+    """Under a TPU topology's mesh on this CPU host, every per-platform default picks what the
+    slice runs: an ahead-of-time compile must compile that, not the host's CPU variants. (jax
+    keeps the platform and chip on `AbstractMesh.abstract_device`; reading them off the mesh
+    itself found nothing, so the AOT tool compiled chunked attention, XLA span_kl, the CPU decode
+    layout and tiles for the smallest VMEM.)"""
+    from jaxtrace.models import attention, qwen3
+    from pallas_kernels import _mesh, span_kl
+
+    gmm = importlib.import_module("pallas_kernels.moe_dispatch.gmm")  # the name is the function's
+
+    cpu_defaults = (_mesh.target_platform(), qwen3.unstacked_decode())
+    assert cpu_defaults == ("cpu", True)
+    for devices, vmem in ((v5e4, 128 << 20), (v4_1, 16 << 20)):
+        with jax.set_mesh(Mesh(np.asarray(devices).reshape(len(devices)), ("data",))):
+            assert _mesh.target_platform() == "tpu"
+            assert _mesh.vmem_bytes() == vmem  # the target chip's, not the fallback
+            assert attention.default_implementation(1024, 1024) == "splash"
+            assert span_kl.default_implementation() == "pallas_tpu"
+            assert gmm._resolve("xla") == "xla_ragged"  # not the CPU's blocked loop
+            assert not qwen3.unstacked_decode()  # decode runs the layer scan, as on the slice
+
+
 # ------------------------------------------------------------------- ops alone, one chip
 def _compile(fn, args, devices, axes=("data",)):
     mesh = Mesh(np.asarray(devices).reshape(len(devices)), axes)
