@@ -177,11 +177,12 @@ def _with_rows(mesh, tree):
     return jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), tree)
 
 
-def _cache_with_rows(mesh, cache, model_cfg, heads=None):
+def _cache_with_rows(mesh, cache, model_cfg, heads=None, token_major=False):
     """An abstract KV cache as the engine places it (`engine.cache_sharding`): every leaf is
     [layers, rows, ...] (`init_cache`), split over the data axes on its row axis, the attention
     layers' KV heads over `heads` (`engine.kv_head_axes`: the decode layout's split); replicated
-    when the rows do not divide (the engine then leaves the placement to XLA)."""
+    when the rows do not divide (the engine then leaves the placement to XLA). token_major: the
+    engine's stored slot cache (`engine.slots_token_major`), not the model's order."""
     from jaxtrace.models.qwen3 import CACHE_ROW_AXIS  # noqa: PLC0415
     from jaxtrace.rollout import engine as engine_lib  # noqa: PLC0415
 
@@ -189,7 +190,7 @@ def _cache_with_rows(mesh, cache, model_cfg, heads=None):
     if rows % sharding.data_parallel_size(mesh):
         whole = NamedSharding(mesh, PartitionSpec())
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), cache)
-    placed = engine_lib.cache_sharding(mesh, model_cfg, heads)
+    placed = engine_lib.cache_sharding(mesh, model_cfg, heads, token_major)
     return [
         jax.tree.map(lambda x, s=s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), entry)
         for entry, s in zip(cache, placed)
@@ -245,10 +246,12 @@ def sampler_programs(
     prefill_args = (params, prompt, valid, _rng(mesh), budget)
     prefill = jax.jit(functools.partial(engine_lib._prefill, graphdef, cfg))  # `_prefill_jit`
     prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
-    empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
+    with sharding.mesh_context(mesh):  # the slot cache's stored order is the target's
+        empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
+        token_major = engine_lib.slots_token_major()
     empty = {
         **_with_rows(mesh, empty),
-        "cache": _cache_with_rows(mesh, empty["cache"], model_cfg, head_axes),
+        "cache": _cache_with_rows(mesh, empty["cache"], model_cfg, head_axes, token_major),
     }
     seg_args = (
         params,

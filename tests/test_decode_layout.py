@@ -280,6 +280,35 @@ def test_tensor_layout_splits_the_slot_cache_over_kv_heads():
     assert layout.slot_cache_bytes(hybrid, 64, head_shards=2) == per // 4 + state
 
 
+def test_the_token_major_slot_cache_splits_its_heads_and_decodes_the_same(monkeypatch):
+    """TPU's stored slot cache (`engine.slots_token_major`, forced here with TPU's layer scan):
+    [layers, slots, length, Hkv, Dh] with the heads split on axis 3, a chip's shard 1 of 2
+    heads; greedy decoding on the tensor layout's copy equals the train layout's."""
+    from jaxtrace.models import qwen3
+
+    monkeypatch.setattr(engine, "slots_token_major", lambda: True)
+    monkeypatch.setattr(qwen3, "unstacked_decode", lambda: False)
+    jax.clear_caches()  # module-level jits traced for CPU's order
+    mesh = _mesh()
+    graphdef, params = sharding.init_sharded(CFG, mesh, seed=1)
+    copy = layout.make_reshard(CFG, mesh, "tensor")(params)
+    s = engine.slot_sharding(copy, 8, CFG)
+    assert [c.spec for c in s[1]] == [P(None, ("data", "fsdp"), None, "tensor")] * CFG.scan_period
+    k = engine._placed("empty", s)(CFG, 8, 24)["cache"][0]["k"]
+    layers = CFG.num_layers // CFG.scan_period
+    assert k.shape == (layers, 8, 24, CFG.num_kv_heads, CFG.head_dim)
+    assert k.addressable_shards[0].data.shape == (layers, 2, 24, 1, CFG.head_dim)
+    tokens, valid = left_pad(PROMPTS[:4], 8)
+    placed = sharding.shard_rows((tokens, valid), mesh)
+    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=5, greedy=True, num_samples=2)
+    gen = engine.select(graphdef, cfg, CFG, "continuous")
+    want = _host(gen(params, *placed, jax.random.key(0)))
+    got = _host(gen(copy, *placed, jax.random.key(0)))
+    np.testing.assert_array_equal(got["response"], want["response"])
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+    jax.clear_caches()
+
+
 # ---------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     "key, value, match",

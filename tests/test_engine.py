@@ -286,6 +286,33 @@ def test_dropless_moe_equals_static_and_unsupported_models_are_rejected():
         engine.make_generate(capped[0], cfg)(capped[1], tokens, valid, jax.random.key(0))
 
 
+def test_the_token_major_slot_cache_equals_the_static_sampler(model, monkeypatch):
+    """TPU stores the slot cache token-major between segments (`engine.slots_token_major`,
+    forced here with TPU's layer scan; XLA:TPU would otherwise copy a head-major cache into its
+    loop's layout every segment): every schedule - slots refilled, the cache grown 12 -> 28,
+    the slot batch compacted - and a mixed hybrid model decode as the static sampler does."""
+    from jaxtrace.models import qwen3  # noqa: PLC0415
+    from jaxtrace.models.hybrid import linearize  # noqa: PLC0415
+
+    monkeypatch.setattr(engine, "slots_token_major", lambda: True)
+    monkeypatch.setattr(qwen3, "unstacked_decode", lambda: False)
+    jax.clear_caches()  # the module-level jits traced CPU's order
+    empty = engine._empty_slots(CFG, 3, 12)["cache"][0]["k"]
+    assert empty.shape == (CFG.num_layers, 3, 12, CFG.num_kv_heads, CFG.head_dim)
+    cfg = SamplingConfig(
+        max_prompt_len=8, max_new_tokens=20, greedy=True, num_samples=2, stop_tokens=(60,)
+    )
+    want, got = _both(model, cfg, max_new_B=jnp.asarray([20, 0, 13, 4, 9, 17]))
+    for _, out in got:
+        _assert_same(want, out)
+    shapes = got[1][0].stats["shapes"]
+    assert {n for _, n in shapes} == {12, 16, 24, 28} and shapes[-1][0] == 1, shapes
+    hybrid = models.create(linearize(CFG, (0,), hybrid_window=3), seed=1)[0]
+    want, got = _both((hybrid, model[1]), cfg, schedules=[(3, 4, 1)])
+    _assert_same(want, got[0][1])
+    jax.clear_caches()
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
 def test_on_the_mesh_equals_single_device(model):
     """Params replicated on an 8-device mesh and prompts split over its data axis decode as on

@@ -2,11 +2,13 @@
 
 Same API and outputs as `sampler.make_generate` (a drop-in, `rollout.engine="continuous"`), but:
 
-- **Length-bucketed dense cache.** Decode slots hold a dense head-major KV cache
-  [slots, Hkv, L, Dh] with L = P + a response-length bucket (`min_bucket` * 2^k, capped at the
-  budget) that covers the longest live row. A decode step attends over those L slots only, and
-  the cache is grown (padded) between segments when a row reaches the end of its bucket. So a step
-  costs O(current length), not O(P + budget), and the cache memory is slots x L, not rows x (P+N).
+- **Length-bucketed dense cache.** Decode slots hold a dense KV cache, head-major
+  [slots, Hkv, L, Dh] in the model's order (token-major [slots, L, Hkv, Dh] between segments on
+  TPU, `slots_token_major`), with L = P + a response-length bucket (`min_bucket` * 2^k, capped
+  at the budget) that covers the longest live row. A decode step attends over those L slots
+  only, and the cache is grown (padded) between segments when a row reaches the end of its
+  bucket. So a step costs O(current length), not O(P + budget), and the cache memory is slots x
+  L, not rows x (P+N).
 - **Continuous batching.** A fixed number of decode slots (`num_slots`, default one per row, at
   most `max_slots`: the cache budget's count, `layout.slots_for_budget`). The host runs jitted
   *segments* of decode steps (a `while_loop` that exits when a slot frees up while samples
@@ -177,9 +179,37 @@ def _prefill(
     return cache, token, row_keys, outputs, done
 
 
+def slots_token_major() -> bool:
+    """Whether the slot cache is stored token-major between segments, attention leaves
+    [layers, slots, length, Hkv, Dh], rather than the model's head-major [layers, slots, Hkv,
+    length, Dh]: on TPU (`_mesh.target_platform`). XLA:TPU lays a decode loop's cache out
+    token-major (a step writes one token's [Hkv, Dh] tile), so a head-major argument cost a
+    copy of the whole cache into that layout at every segment (AOT, the 1.7B rollout decode on
+    v5p-8: 9.3 of its 16.0 GiB of temporaries). Stored token-major, the segment's swap to the
+    model's order is a layout change that XLA folds away. CPU keeps head-major, the order its
+    dots read without a copy (`README`, vs_peers); GPU too (not measured)."""
+    from pallas_kernels import _mesh  # noqa: PLC0415
+
+    return _mesh.target_platform() == "tpu"
+
+
+def _swap_kv(cache):
+    """Head-major <-> token-major attention leaves (axes 2 and 3; its own inverse); hybrid
+    layers' states unchanged."""
+    return [{n: jnp.swapaxes(x, 2, 3) for n, x in c.items()} if is_kv(c) else c for c in cache]
+
+
+def _stored(cache):
+    """The model's cache -> the slot cache as stored between segments (`slots_token_major`)."""
+    return _swap_kv(cache) if slots_token_major() else cache
+
+
+_model_order = _stored  # the stored slot cache -> the model's order (the same swap)
+
+
 def _empty_slots(model_cfg, slots: int, length: int):
     return {
-        "cache": init_cache(model_cfg, slots, length),
+        "cache": _stored(init_cache(model_cfg, slots, length)),
         "t": jnp.ones((slots,), jnp.int32),
         "token": jnp.zeros((slots,), jnp.int32),
         "done": jnp.ones((slots,), bool),
@@ -228,7 +258,7 @@ def _segment(
 
     cache = [
         {k: take_prompt(c[k], pre[k]) for k in c} if is_kv(c) else take_state(c, pre)
-        for c, pre in zip(slots["cache"], prefix)
+        for c, pre in zip(_model_order(slots["cache"]), prefix)
     ]
     t = jnp.where(fresh_S, 1, slots["t"])
     token = jnp.where(fresh_S, token0_R[row], slots["token"])
@@ -268,11 +298,11 @@ def _segment(
     )
     if layers is not None:
         cache = stack_cache(model.cfg, cache)
-    return {"cache": cache, "t": t, "token": token, "done": done}, outputs
+    return {"cache": _stored(cache), "t": t, "token": token, "done": done}, outputs
 
 
 def _grow(slots, length: int):
-    return dict(slots, cache=pad_cache_slots(slots["cache"], length))
+    return dict(slots, cache=_stored(pad_cache_slots(_model_order(slots["cache"]), length)))
 
 
 def _compact(slots, idx_S):
@@ -351,17 +381,18 @@ def kv_head_shards(params, model_cfg) -> int:
     return sharding.axes_size(k_proj.sharding.mesh, kv_head_axes(params, model_cfg))
 
 
-def cache_sharding(mesh, model_cfg, heads=None) -> tuple:
+def cache_sharding(mesh, model_cfg, heads=None, token_major: bool = False) -> tuple:
     """Per entry of `init_cache`'s list, the NamedSharding of its leaves [layers, slots, ...]:
     the slot axis (`CACHE_ROW_AXIS`) split over the mesh's batch axes and, for attention layers,
     the KV-head axis over `heads` (`kv_head_axes`): in the tensor layout each chip then holds
     its own heads' cache, which its attention reads, rather than every head's. Hybrid layers'
-    states keep only the slot split."""
+    states keep only the slot split. token_major: the leaves are the stored slot cache's
+    [layers, slots, length, Hkv, Dh] (`slots_token_major`), not the model's head-major order."""
     from jaxtrace import sharding  # noqa: PLC0415
 
     rows = sharding.batch_sharding(mesh, 1).spec
     lead = [None] * CACHE_ROW_AXIS
-    kv = jax.sharding.PartitionSpec(*lead, *rows, heads)
+    kv = jax.sharding.PartitionSpec(*lead, *rows, *((None, heads) if token_major else (heads,)))
     state = jax.sharding.PartitionSpec(*lead, *rows)
     return tuple(
         jax.sharding.NamedSharding(mesh, state if model_cfg.is_hybrid_layer(q) else kv)
@@ -384,7 +415,8 @@ def slot_sharding(params, slots: int, model_cfg):
     if math.prod(mesh.shape.values()) < 2 or slots % sharding.data_parallel_size(mesh):
         return None
     rows = sharding.batch_sharding(mesh, 1)
-    return rows, cache_sharding(mesh, model_cfg, kv_head_axes(params, model_cfg))
+    heads = kv_head_axes(params, model_cfg)
+    return rows, cache_sharding(mesh, model_cfg, heads, token_major=slots_token_major())
 
 
 def _to_host(x):
