@@ -21,9 +21,9 @@ def get_config(arg=None):
     c.rollout.decode_layout = "tensor"  # the bf16 copy 4-way tensor-parallel: 4 GB per chip
     # Each slot's KV cache is split 4-way over the heads too (0.30 GiB per chip at 8,704 tokens):
     # 4 GiB holds 13 slots per chip, 104 on v5p-64 and 208 on v6e-64 (1.6x the 64 / 128 of the
-    # unsplit cache at 10 GiB). The decode step's temporaries grow with the slots (AOT: ~0.5 GiB
-    # per rollout slot per chip, ~2.8 per self-annotation slot at 22,528 tokens): at 6 GiB the
-    # trace_online self-annotation decode would take 31.7 of v6e-64's 32 GiB.
+    # unsplit cache at 10 GiB). Not more: at 10 GiB the rollout decode fits v6e-64 (22.6 of 32
+    # GiB, AOT) but the trace_online self-annotation decode (176 slots of 22,528 tokens) needs
+    # 70.4 GiB.
     c.rollout.cache_budget_gib = 4.0
     c.rollout.prompts_per_step = 128
     return c
