@@ -62,15 +62,12 @@ def target_platform() -> str:
 
 
 def _context_device(attr: str):
-    """`attr` (platform, device_kind, num_cores) of the context mesh's devices, or None without
-    a mesh. jax keeps them on `AbstractMesh.abstract_device`; older releases kept them on the
-    mesh itself, so both are read."""
+    """`attr` (platform, device_kind, num_cores) of the context mesh's devices
+    (`AbstractMesh.abstract_device`), or None without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or not mesh.axis_names:
         return None
-    device = getattr(mesh, "abstract_device", None)
-    value = getattr(device, attr, None) if device is not None else None
-    return value if value is not None else getattr(mesh, attr, None)
+    return getattr(mesh.abstract_device, attr, None)
 
 
 def tpu_info():

@@ -24,3 +24,19 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA} (tests read ../shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tpu_decode_order(monkeypatch):
+    """The rollout engine traced as on TPU, here on CPU: the slot cache stored token-major
+    (`engine.slots_token_major`) and decode loops on the layer scan. The module-level jits are
+    cleared before and after, so no test traces one order and runs the other."""
+    from jaxtrace.models import qwen3
+    from jaxtrace.rollout import engine
+
+    monkeypatch.setattr(engine, "slots_token_major", lambda: True)
+    monkeypatch.setattr(qwen3, "unstacked_decode", lambda: False)
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()

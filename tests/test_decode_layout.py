@@ -280,15 +280,10 @@ def test_tensor_layout_splits_the_slot_cache_over_kv_heads():
     assert layout.slot_cache_bytes(hybrid, 64, head_shards=2) == per // 4 + state
 
 
-def test_the_token_major_slot_cache_splits_its_heads_and_decodes_the_same(monkeypatch):
+def test_the_token_major_slot_cache_splits_its_heads_and_decodes_the_same(tpu_decode_order):
     """TPU's stored slot cache (`engine.slots_token_major`, forced here with TPU's layer scan):
     [layers, slots, length, Hkv, Dh] with the heads split on axis 3, a chip's shard 1 of 2
     heads; greedy decoding on the tensor layout's copy equals the train layout's."""
-    from jaxtrace.models import qwen3
-
-    monkeypatch.setattr(engine, "slots_token_major", lambda: True)
-    monkeypatch.setattr(qwen3, "unstacked_decode", lambda: False)
-    jax.clear_caches()  # module-level jits traced for CPU's order
     mesh = _mesh()
     graphdef, params = sharding.init_sharded(CFG, mesh, seed=1)
     copy = layout.make_reshard(CFG, mesh, "tensor")(params)
@@ -306,7 +301,6 @@ def test_the_token_major_slot_cache_splits_its_heads_and_decodes_the_same(monkey
     got = _host(gen(copy, *placed, jax.random.key(0)))
     np.testing.assert_array_equal(got["response"], want["response"])
     np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
-    jax.clear_caches()
 
 
 # ---------------------------------------------------------------------------- config

@@ -286,17 +286,13 @@ def test_dropless_moe_equals_static_and_unsupported_models_are_rejected():
         engine.make_generate(capped[0], cfg)(capped[1], tokens, valid, jax.random.key(0))
 
 
-def test_the_token_major_slot_cache_equals_the_static_sampler(model, monkeypatch):
+def test_the_token_major_slot_cache_equals_the_static_sampler(model, tpu_decode_order):
     """TPU stores the slot cache token-major between segments (`engine.slots_token_major`,
     forced here with TPU's layer scan; XLA:TPU would otherwise copy a head-major cache into its
     loop's layout every segment): every schedule - slots refilled, the cache grown 12 -> 28,
     the slot batch compacted - and a mixed hybrid model decode as the static sampler does."""
-    from jaxtrace.models import qwen3  # noqa: PLC0415
     from jaxtrace.models.hybrid import linearize  # noqa: PLC0415
 
-    monkeypatch.setattr(engine, "slots_token_major", lambda: True)
-    monkeypatch.setattr(qwen3, "unstacked_decode", lambda: False)
-    jax.clear_caches()  # the module-level jits traced CPU's order
     empty = engine._empty_slots(CFG, 3, 12)["cache"][0]["k"]
     assert empty.shape == (CFG.num_layers, 3, 12, CFG.num_kv_heads, CFG.head_dim)
     cfg = SamplingConfig(
@@ -310,7 +306,6 @@ def test_the_token_major_slot_cache_equals_the_static_sampler(model, monkeypatch
     hybrid = models.create(linearize(CFG, (0,), hybrid_window=3), seed=1)[0]
     want, got = _both((hybrid, model[1]), cfg, schedules=[(3, 4, 1)])
     _assert_same(want, got[0][1])
-    jax.clear_caches()
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
