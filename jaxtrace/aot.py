@@ -244,9 +244,14 @@ def sampler_programs(
     valid = _rows(mesh, (prompts, cfg.max_prompt_len), jnp.bool_)
     budget = _rows(mesh, (rows,), jnp.int32)
     prefill_args = (params, prompt, valid, _rng(mesh), budget)
-    prefill = jax.jit(functools.partial(engine_lib._prefill, graphdef, cfg))  # `_prefill_jit`
-    prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
     with sharding.mesh_context(mesh):  # the slot cache's stored order is the target's
+        # As the engine's first pass places it (`engine.prompt_runs`): the prefix split like
+        # the slots, so that each chip's slots copy their prompts from its own part.
+        _, prefix_sharding = engine_lib.prompt_runs(params, model_cfg, prompts, slots)
+        prefill = jax.jit(  # `_prefill_jit`
+            functools.partial(engine_lib._prefill, graphdef, cfg, prefix_sharding=prefix_sharding)
+        )
+        prefix, token0, keys, outputs, _ = jax.eval_shape(prefill, *prefill_args)
         empty = jax.eval_shape(lambda: engine_lib._empty_slots(model_cfg, slots, length))
         token_major = engine_lib.slots_token_major()
     empty = {
@@ -257,7 +262,7 @@ def sampler_programs(
         params,
         empty,
         _with_rows(mesh, outputs),
-        _cache_with_rows(mesh, prefix, model_cfg, head_axes),
+        _cache_with_rows(mesh, prefix, model_cfg, head_axes, token_major),
         valid,
         _with_rows(mesh, token0),
         _with_rows(mesh, keys),
@@ -268,7 +273,10 @@ def sampler_programs(
     )
     # The engine's `_segment_jit` at its largest shape (slots and outputs donated, as there).
     segment = jax.jit(
-        functools.partial(engine_lib._segment, graphdef, cfg, length=length), donate_argnums=(1, 2)
+        functools.partial(
+            engine_lib._segment, graphdef, cfg, length=length, prefix_sharding=prefix_sharding
+        ),
+        donate_argnums=(1, 2),
     )
     return [
         Program(f"{name}_prefill", prefill, prefill_args, what + " (engine prefill)", resident),

@@ -303,6 +303,58 @@ def test_the_token_major_slot_cache_splits_its_heads_and_decodes_the_same(tpu_de
     np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
 
 
+def test_a_prompt_copy_gathers_within_each_chip():
+    """`engine.take_prompts` with the slots and the prefix both split over the 4 batch chips:
+    each slot takes a prompt its chip holds, the copy under shard_map has no all-gather and
+    equals the plain gather; the plain gather (no placement) all-gathers the prefix."""
+    mesh = _mesh()
+    split = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor"))
+    prefix = jnp.arange(2 * 8 * 2 * 5 * 4, dtype=jnp.float32).reshape(2, 8, 2, 5, 4)
+    prefix = jax.device_put(prefix, split)
+    # 16 slots in 4 runs of 4, each run's slots taking the run's 2 prompts in any order.
+    src = np.array([1, 0, 0, 1, 2, 3, 3, 2, 5, 4, 4, 5, 7, 6, 6, 7], np.int32)
+    placed_src = jax.device_put(src, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
+    for placement, gathers in ((split, False), (None, True)):
+        take = jax.jit(
+            lambda p, s, placed=placement: engine.take_prompts(p, s, placed), out_shardings=split
+        )
+        hlo = take.lower(prefix, placed_src).compile().as_text()
+        assert ("all-gather" in hlo) is gathers, placement
+        np.testing.assert_array_equal(take(prefix, placed_src), np.asarray(prefix)[:, src])
+
+
+@pytest.mark.parametrize("order", ["model", "token_major"])
+def test_slots_take_prompts_from_their_own_chip_and_decode_the_same(order, request):
+    """The engine on the tensor layout's copy with 8 slots over 4 batch chips: the prefix is
+    split like the slots (`engine.prompt_runs`), every segment copies prompts within each chip
+    (prompt_runs 4), and with samples waiting for slots, refills, ragged budgets and compaction
+    the output equals one device's; in the model's cache order (CPU) and TPU's token-major
+    stored order (`tpu_decode_order`)."""
+    if order == "token_major":
+        request.getfixturevalue("tpu_decode_order")
+    mesh = _mesh()
+    graphdef, params = sharding.init_sharded(CFG, mesh, seed=1)
+    copy = layout.make_reshard(CFG, mesh, "tensor")(params)
+    groups, placement = engine.prompt_runs(copy, CFG, 8, 8)
+    heads = (None, "tensor") if order == "token_major" else ("tensor",)
+    assert groups == 4
+    assert [s.spec for s in placement] == [P(None, ("data", "fsdp"), *heads)] * CFG.scan_period
+    assert engine.prompt_runs(copy, CFG, 6, 8) == (1, None)  # prompts do not split
+    cfg = SamplingConfig(max_prompt_len=8, max_new_tokens=12, temperature=1.0, num_samples=2)
+    tokens, valid = left_pad(PROMPTS, 8)
+    budget = np.array([12, 3, 7, 1, 9, 2, 12, 5])
+    key = jax.random.key(5)
+    gen = engine.make_generate(graphdef, cfg, num_slots=8, min_bucket=4, min_slots=2)
+    want = _host(gen(jax.device_get(params), tokens, valid, key, budget))
+    assert set(gen.stats["prompt_runs"]) == {1}
+    got = _host(gen(copy, tokens, valid, key, budget))  # host prompts: the engine splits them
+    runs = gen.stats["prompt_runs"]
+    assert runs[0] == 4 and len(runs) > 2 and gen.stats["shapes"][-1][0] < 8, gen.stats
+    np.testing.assert_array_equal(got["response"], want["response"])
+    np.testing.assert_array_equal(got["length"], want["length"])
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     "key, value, match",

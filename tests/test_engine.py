@@ -371,10 +371,10 @@ def test_cpu_decode_loop_reads_per_layer_weights_and_equals_the_layer_scan(
     jaxprs = []  # of the engine's segments, as called
     real = engine._segment_jit
 
-    def spy(graphdef, cfg, *args, length):
-        fn = functools.partial(engine._segment, graphdef, cfg, length=length)
+    def spy(graphdef, cfg, *args, **static):
+        fn = functools.partial(engine._segment, graphdef, cfg, **static)
         jaxprs.append(jax.make_jaxpr(fn)(*args))
-        return real(graphdef, cfg, *args, length=length)
+        return real(graphdef, cfg, *args, **static)
 
     def run():
         if which == "static":

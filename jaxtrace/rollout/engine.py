@@ -17,7 +17,9 @@ Same API and outputs as `sampler.make_generate` (a drop-in, `rollout.engine="con
   the live rows into a smaller power-of-two slot batch. Rows of a GRPO group do
   not decode in lockstep.
 - **Shared prompt prefix.** Every prompt is prefilled once (batched, [prompts, P]); a slot that
-  takes a sample copies its prompt's KV into its first P cache slots inside the segment.
+  takes a sample copies its prompt's KV into its first P cache slots inside the segment. On a
+  mesh the prefix is split over the batch axes like the slots, and the host hands a chip's free
+  slots only samples whose prompt that chip holds, so the copy is chip-local (`take_prompts`).
 - **Per-row randomness.** Row r's t-th token draws from fold_in(fold_in(rng, r), t), so the
   output does not depend on the slot count, the buckets or the schedule (tests check this). The
   draws differ from the static sampler's (one key per step for the whole batch), the
@@ -154,16 +156,30 @@ def _budget(max_new_B, b: int, cfg: SamplingConfig):
 
 
 def _prefill(
-    graphdef, cfg: SamplingConfig, params, prompt_BxP, valid_BxP, rng, budget_R, first_row=0
+    graphdef,
+    cfg: SamplingConfig,
+    params,
+    prompt_BxP,
+    valid_BxP,
+    rng,
+    budget_R,
+    first_row=0,
+    *,
+    prefix_sharding=None,
 ):
-    """Each prompt once: its KV [B, Hkv, P, Dh] per layer and every row's first token. Row i
-    is row `first_row + i` of the call (a pass of the engine), whose key it takes."""
+    """Each prompt once: its KV per layer, in the slot cache's stored order (`_stored`: [B,
+    Hkv, P, Dh], token-major [B, P, Hkv, Dh] on TPU), and every row's first token. Row i is row
+    `first_row + i` of the call (a pass of the engine), whose key it takes. prefix_sharding:
+    the prefix cache's placement (`cache_sharding`, one per entry), or None (XLA's choice)."""
     model = nnx.merge(graphdef, params)
     b, p = prompt_BxP.shape
     cache = init_cache(model.cfg, b, p)
     hidden, cache = model(
         prompt_BxP, positions_from_valid(valid_BxP), causal_mask(valid_BxP), cache, 0
     )
+    cache = _stored(cache)
+    if prefix_sharding is not None:
+        cache = [jax.lax.with_sharding_constraint(c, s) for c, s in zip(cache, prefix_sharding)]
     logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], cfg.num_samples, axis=0)
     r = logits.shape[0]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, first_row + i))(jnp.arange(r))
@@ -216,6 +232,32 @@ def _empty_slots(model_cfg, slots: int, length: int):
     }
 
 
+def take_prompts(prefix, src_S, placement=None):
+    """`prefix[:, src_S]`: each slot's prompt entry from a prefix leaf [layers, prompts, ...].
+
+    placement: the prefix's NamedSharding (`prompt_runs`), its prompt axis split over the mesh's
+    batch axes like the slots; each chip's slots then take only prompts that chip holds (the
+    engine's host loop hands rows out so), and the copy runs per chip under `shard_map` on
+    local indices. A gather with indices XLA cannot see are local would all-gather every prompt's
+    prefix onto every chip (AOT, 1.7B self-annotation on v6e-8: 7.9 GiB a chip). None: the
+    plain gather."""
+    if placement is None:
+        return prefix[:, src_S]
+    spec = placement.spec
+    local = prefix.shape[1] // _axes_size(placement.mesh, spec[1])
+    take = lambda pre, src: pre[:, src % local]  # noqa: E731 (src is in this chip's prompts)
+    rows = jax.sharding.PartitionSpec(spec[1])
+    return jax.shard_map(
+        take, mesh=placement.mesh, in_specs=(spec, rows), out_specs=spec, check_vma=False
+    )(prefix, src_S)
+
+
+def _axes_size(mesh, axes) -> int:
+    from jaxtrace import sharding  # noqa: PLC0415
+
+    return sharding.axes_size(mesh, axes)
+
+
 def _segment(
     graphdef,
     cfg: SamplingConfig,
@@ -232,11 +274,13 @@ def _segment(
     min_active,
     *,
     length: int,
+    prefix_sharding=None,
 ):
     """Decode steps until fewer than `min_active` slots are live, no slot is live, or a live row
     would write past the cache's `length` slots. Fresh slots first take their row's prompt KV
     (hybrid layers: their prompt's state) and first token. slot_row_S: the row each slot decodes
-    (-1 = empty)."""
+    (-1 = empty). prefix_sharding: the prefix's placement when each chip's slots take only
+    the prompts that chip holds (`prompt_runs`, `take_prompts`), else None."""
     model = nnx.merge(graphdef, params)
     n, p, stop = cfg.num_samples, valid_BxP.shape[1], jnp.asarray(cfg.stop_tokens or (-1,))
     r = token0_R.shape[0]
@@ -245,21 +289,34 @@ def _segment(
     src = row // n  # the slot's prompt
 
     # Cache leaves are [layers, slots, ...] (`init_cache`); the prefix's [layers, prompts, ...].
-    def take_prompt(c, pre):
+    # The prompt copy runs in the stored order (`_stored`): in the model's it would cost XLA:TPU
+    # a copy of the whole cache into a head-major layout and back (AOT, 1.7B self-annotation
+    # on v5p-8: 3.6 GiB).
+    token_axis = 2 if slots_token_major() else 3
+
+    def take_prompt(c, pre, placed):
         fresh = fresh_S[None, :, None, None, None]
-        head = jnp.where(fresh, pre[:, src].astype(c.dtype), c[:, :, :, :p])
+        old = jax.lax.slice_in_dim(c, 0, p, axis=token_axis)
+        head = jnp.where(fresh, take_prompts(pre, src, placed).astype(c.dtype), old)
         return jax.lax.dynamic_update_slice(c, head, (0, 0, 0, 0, 0))
 
-    def take_state(c, pre):  # a hybrid layer's constant-size state, one per row
+    def take_state(c, pre, placed):  # a hybrid layer's constant-size state, one per row
         pick = lambda x, y: jnp.where(  # noqa: E731
-            fresh_S.reshape((1, -1) + (1,) * (x.ndim - 2)), y[:, src].astype(x.dtype), x
+            fresh_S.reshape((1, -1) + (1,) * (x.ndim - 2)),
+            take_prompts(y, src, placed).astype(x.dtype),
+            x,
         )
         return jax.tree.map(pick, c, pre)
 
-    cache = [
-        {k: take_prompt(c[k], pre[k]) for k in c} if is_kv(c) else take_state(c, pre)
-        for c, pre in zip(_model_order(slots["cache"]), prefix)
-    ]
+    placements = prefix_sharding or (None,) * len(prefix)
+    cache = _model_order(
+        [
+            {k: take_prompt(c[k], pre[k], placed) for k in c}
+            if is_kv(c)
+            else take_state(c, pre, placed)
+            for c, pre, placed in zip(slots["cache"], prefix, placements)
+        ]
+    )
     t = jnp.where(fresh_S, 1, slots["t"])
     token = jnp.where(fresh_S, token0_R[row], slots["token"])
     done = jnp.where(fresh_S, False, slots["done"]) | ~occupied
@@ -328,9 +385,12 @@ def _finish(cfg: SamplingConfig, prompt_BxP, valid_BxP, outputs):
     }
 
 
-_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), static_argnames=("prefix_sharding",))
 _segment_jit = jax.jit(
-    _segment, static_argnums=(0, 1), static_argnames=("length",), donate_argnums=(3, 4)
+    _segment,
+    static_argnums=(0, 1),
+    static_argnames=("length", "prefix_sharding"),
+    donate_argnums=(3, 4),
 )
 _finish_jit = jax.jit(_finish, static_argnums=0)
 
@@ -419,6 +479,25 @@ def slot_sharding(params, slots: int, model_cfg):
     return rows, cache_sharding(mesh, model_cfg, heads, token_major=slots_token_major())
 
 
+def prompt_runs(params, model_cfg, prompts: int, slots: int):
+    """(groups, prefix placement) for an engine pass of `prompts` prompts on `slots` slots:
+    when the slot cache is split over the mesh's batch axes (`slot_sharding`) and the prompts
+    split evenly over them too, (the batch-parallel size, the prefix split over the batch axes
+    and the KV heads as the slot cache is: `cache_sharding`, in the stored order), so each chip's
+    slots copy prompts from its own part of the prefix (`take_prompts`); else (1, None)."""
+    from jaxtrace import sharding  # noqa: PLC0415
+
+    placed = slot_sharding(params, slots, model_cfg)
+    if placed is None:
+        return 1, None
+    mesh = placed[0].mesh
+    dp = sharding.data_parallel_size(mesh)
+    if dp < 2 or prompts % dp:
+        return 1, None
+    heads = kv_head_axes(params, model_cfg)
+    return dp, cache_sharding(mesh, model_cfg, heads, token_major=slots_token_major())
+
+
 def _to_host(x):
     from jaxtrace import sharding  # noqa: PLC0415 (sharding imports the models package)
 
@@ -489,7 +568,7 @@ class Engine:
     def __call__(self, params, prompt_BxP, prompt_valid_BxP, rng, max_new_B=None):
         b = np.shape(prompt_BxP)[0]
         m = self.prompt_chunk(b)
-        self.stats = {"segments": 0, "shapes": [], "passes": -(-b // m)}
+        self.stats = {"segments": 0, "shapes": [], "prompt_runs": [], "passes": -(-b // m)}
         if m == b:
             return self._call(params, prompt_BxP, prompt_valid_BxP, rng, max_new_B)
         # Passes of m prompts (the last padded with copies of its first prompt at a budget of
@@ -519,28 +598,56 @@ class Engine:
             check_supported(self._model_cfg)
         model_cfg = self._model_cfg
         budget = _budget(max_new_B, b, cfg)
-        prefix, token0, row_keys, outputs, done0 = self._prefill(
-            params, prompt_BxP, prompt_valid_BxP, rng, budget, jnp.int32(first_row)
-        )
         r, new = b * cfg.num_samples, cfg.max_new_tokens
-        queue = [int(i) for i in np.flatnonzero(~_to_host(done0))][::-1]  # pop() takes row 0 first
         cap = self.slot_cap(r)
         slot_bucket = lambda k: min(cap, max(self.min_slots, _pow2_at_least(k, cap)))  # noqa: E731
-        slots_n = slot_bucket(len(queue)) if queue else 0
-        place = lambda kind, n: _placed(kind, slot_sharding(params, n, model_cfg))  # noqa: E731
+        place_of = lambda n: slot_sharding(params, n, model_cfg)  # noqa: E731
+        place = lambda kind, n: _placed(kind, place_of(n))  # noqa: E731
+        # Chip-local prompt copies: with the slots split over the mesh's batch axes in `groups`
+        # runs, the prefix is split over them too and a slot takes only rows whose prompt is in
+        # its run (`take_prompts`). Decided for the first slot batch (the rows wait for it).
+        groups, prefix_sharding = prompt_runs(params, model_cfg, b, slot_bucket(r))
+        if groups > 1:  # the prompts split as the prefix is (host arrays would be replicated)
+            from jaxtrace import sharding  # noqa: PLC0415
+
+            mesh = prefix_sharding[0].mesh
+            prompt_BxP, prompt_valid_BxP = sharding.shard_rows((prompt_BxP, prompt_valid_BxP), mesh)
+        prefix, token0, row_keys, outputs, done0 = self._prefill(
+            params,
+            prompt_BxP,
+            prompt_valid_BxP,
+            rng,
+            budget,
+            jnp.int32(first_row),
+            prefix_sharding=prefix_sharding,
+        )
+        waiting = np.flatnonzero(~_to_host(done0))
+        run_of_row = waiting // cfg.num_samples // (b // groups)
+        # One queue per run of prompts; pop() takes a run's lowest row first.
+        queues = [[int(i) for i in waiting[run_of_row == j]][::-1] for j in range(groups)]
+        slots_n = slot_bucket(len(waiting)) if len(waiting) else 0
+        # The runs a segment's slot batch gathers prompts in: `groups` while the batch splits
+        # into them on the mesh, else 1 (a plain gather: correct wherever the prompts are).
+        runs = lambda n: groups if n % groups == 0 and place_of(n) is not None else 1  # noqa: E731
         if slots_n:
             length = p + bucket(1, new, self.min_bucket)
             slots = place("empty", slots_n)(model_cfg, slots_n, length)
             slot_row = np.full(slots_n, -1, np.int32)
             t_host = np.ones(slots_n, np.int32)
             done_host = np.ones(slots_n, bool)
-        while queue or (slots_n and not done_host.all()):
+        seg_groups = runs(slots_n) if slots_n else 1
+        while any(queues) or (slots_n and not done_host.all()):
             fresh = np.zeros(slots_n, bool)
             for s in range(slots_n):
+                queue = queues[s * groups // slots_n]  # slot s's run (fixed while any wait)
                 if queue and (slot_row[s] < 0 or done_host[s]):
                     slot_row[s], fresh[s], t_host[s], done_host[s] = queue.pop(), True, 1, False
                 elif done_host[s]:
                     slot_row[s] = -1
+            if seg_groups > 1:  # `take_prompts`' contract: a fresh slot's prompt is on its chip
+                s_run = np.flatnonzero(fresh) * groups // slots_n
+                p_run = slot_row[fresh] // cfg.num_samples // (b // groups)
+                assert (s_run == p_run).all(), (s_run, p_run)
             live = ~done_host & (slot_row >= 0)
             need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
             if need > length:
@@ -551,9 +658,11 @@ class Engine:
             # by 4x (not 2x) halves the slot shapes compiled for a small loss in the tail.
             quarter = max(slots_n // 4, 1)
             can_shrink = slot_bucket(quarter) < slots_n
-            min_active = n_live if queue else (quarter + 1 if can_shrink else 1)
+            waits = any(queues)
+            min_active = n_live if waits else (quarter + 1 if can_shrink else 1)
             self.stats["segments"] += 1
             self.stats["shapes"].append((slots_n, length))
+            self.stats["prompt_runs"].append(seg_groups)
             slots, outputs = self._segment(
                 params,
                 slots,
@@ -567,11 +676,12 @@ class Engine:
                 jnp.asarray(fresh),
                 jnp.int32(min(min_active, n_live)),
                 length=length,
+                prefix_sharding=prefix_sharding if seg_groups > 1 else None,
             )
             t_host, done_host = (np.array(x) for x in _to_host((slots["t"], slots["done"])))
             done_host |= slot_row < 0
             n_live = int((~done_host).sum())
-            if not queue and 0 < n_live <= quarter and slot_bucket(n_live) < slots_n:
+            if not waits and 0 < n_live <= quarter and slot_bucket(n_live) < slots_n:
                 keep = np.flatnonzero(~done_host)  # shrink the slot batch 4x (or more)
                 new_n = slot_bucket(n_live)
                 idx = np.concatenate([keep, np.full(new_n - n_live, keep[0])]).astype(np.int32)
@@ -580,6 +690,7 @@ class Engine:
                 slot_row = slot_row.astype(np.int32)
                 t_host, done_host = t_host[idx], done_host[idx] | (slot_row < 0)
                 slots_n = new_n
+                seg_groups = runs(slots_n)  # no slot takes a prompt any more; a local gather
         return self._finish(prompt_BxP, prompt_valid_BxP, outputs)
 
 
