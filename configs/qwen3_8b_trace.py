@@ -20,10 +20,10 @@ def get_config(arg=None):
     c.mesh.update(data=1, fsdp=-1, tensor=4)
     c.rollout.decode_layout = "tensor"  # the bf16 copy 4-way tensor-parallel: 4 GB per chip
     # Each slot's KV cache is split 4-way over the heads too (0.30 GiB per chip at 8,704 tokens):
-    # 4 GiB holds 13 slots per chip, 104 on v5p-64 and 208 on v6e-64 (1.6x the 64 / 128 of the
-    # unsplit cache at 10 GiB). Not more: at 10 GiB the rollout decode fits v6e-64 (22.6 of 32
-    # GiB, AOT) but the trace_online self-annotation decode (176 slots of 22,528 tokens) needs
-    # 70.4 GiB.
-    c.rollout.cache_budget_gib = 4.0
+    # 10 GiB holds 33 slots per chip, 264 rows decoding at once on v5p-64 and 528 on v6e-64
+    # (of 1,024). AOT at 10 GiB (`python -m jaxtrace.compile --topology=v6e-64`): rollout decode
+    # 16.7 of 32 GiB per chip, trace_online self-annotation decode (176 slots of 22,528 tokens)
+    # 23.4; on v5p-64 18.6 and 27.3 of 96.
+    c.rollout.cache_budget_gib = 10.0
     c.rollout.prompts_per_step = 128
     return c
