@@ -607,11 +607,14 @@ class Engine:
         # runs, the prefix is split over them too and a slot takes only rows whose prompt is in
         # its run (`take_prompts`). Decided for the first slot batch (the rows wait for it).
         groups, prefix_sharding = prompt_runs(params, model_cfg, b, slot_bucket(r))
-        if groups > 1:  # the prompts split as the prefix is (host arrays would be replicated)
+        if groups > 1:  # host prompts split as the prefix is (left alone, replicated)
             from jaxtrace import sharding  # noqa: PLC0415
 
             mesh = prefix_sharding[0].mesh
-            prompt_BxP, prompt_valid_BxP = sharding.shard_rows((prompt_BxP, prompt_valid_BxP), mesh)
+            prompt_BxP, prompt_valid_BxP = (
+                x if isinstance(x, jax.Array) else sharding.shard_rows(x, mesh)
+                for x in (prompt_BxP, prompt_valid_BxP)
+            )
         prefix, token0, row_keys, outputs, done0 = self._prefill(
             params,
             prompt_BxP,
