@@ -244,18 +244,11 @@ def take_prompts(prefix, src_S, placement=None):
     if placement is None:
         return prefix[:, src_S]
     spec = placement.spec
-    local = prefix.shape[1] // _axes_size(placement.mesh, spec[1])
-    take = lambda pre, src: pre[:, src % local]  # noqa: E731 (src is in this chip's prompts)
+    take = lambda pre, src: pre[:, src % pre.shape[1]]  # noqa: E731 (src: this chip's prompts)
     rows = jax.sharding.PartitionSpec(spec[1])
     return jax.shard_map(
         take, mesh=placement.mesh, in_specs=(spec, rows), out_specs=spec, check_vma=False
     )(prefix, src_S)
-
-
-def _axes_size(mesh, axes) -> int:
-    from jaxtrace import sharding  # noqa: PLC0415
-
-    return sharding.axes_size(mesh, axes)
 
 
 def _segment(
@@ -490,12 +483,10 @@ def prompt_runs(params, model_cfg, prompts: int, slots: int):
     placed = slot_sharding(params, slots, model_cfg)
     if placed is None:
         return 1, None
-    mesh = placed[0].mesh
-    dp = sharding.data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(placed[0].mesh)
     if dp < 2 or prompts % dp:
         return 1, None
-    heads = kv_head_axes(params, model_cfg)
-    return dp, cache_sharding(mesh, model_cfg, heads, token_major=slots_token_major())
+    return dp, placed[1]  # the slot cache's own placement
 
 
 def _to_host(x):
@@ -625,9 +616,9 @@ class Engine:
             prefix_sharding=prefix_sharding,
         )
         waiting = np.flatnonzero(~_to_host(done0))
-        run_of_row = waiting // cfg.num_samples // (b // groups)
+        run_of = lambda rows: rows // cfg.num_samples // (b // groups)  # noqa: E731 (prompt's run)
         # One queue per run of prompts; pop() takes a run's lowest row first.
-        queues = [[int(i) for i in waiting[run_of_row == j]][::-1] for j in range(groups)]
+        queues = [[int(i) for i in waiting[run_of(waiting) == j]][::-1] for j in range(groups)]
         slots_n = slot_bucket(len(waiting)) if len(waiting) else 0
         # The runs a segment's slot batch gathers prompts in: `groups` while the batch splits
         # into them on the mesh, else 1 (a plain gather: correct wherever the prompts are).
@@ -648,8 +639,7 @@ class Engine:
                 elif done_host[s]:
                     slot_row[s] = -1
             if seg_groups > 1:  # `take_prompts`' contract: a fresh slot's prompt is on its chip
-                s_run = np.flatnonzero(fresh) * groups // slots_n
-                p_run = slot_row[fresh] // cfg.num_samples // (b // groups)
+                s_run, p_run = np.flatnonzero(fresh) * groups // slots_n, run_of(slot_row[fresh])
                 assert (s_run == p_run).all(), (s_run, p_run)
             live = ~done_host & (slot_row >= 0)
             need = p + bucket(int(t_host[live].max()), new, self.min_bucket)
